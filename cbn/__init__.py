@@ -1,0 +1,26 @@
+"""cbn: fast, accurate batch normalization for NumPy arrays on the CPU.
+
+The layer (:class:`BatchNorm` and its 1d/2d/3d forms) keeps parameters and
+running statistics with PyTorch's semantics; the functions in
+:mod:`cbn.functional` are the same computations without state. Kernels are
+typed Cython with OpenMP; :mod:`cbn.reference` holds their plain-NumPy twins.
+"""
+from ._threads import get_num_threads, set_num_threads
+from .functional import batch_norm, batch_norm_backward, batch_norm_forward, batch_stats
+from .layer import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+    "batch_norm", "batch_stats", "batch_norm_forward", "batch_norm_backward",
+    "get_num_threads", "set_num_threads", "show_config",
+]
+
+
+def show_config():
+    """Print how the compiled kernels were built."""
+    from . import _kernels
+    print(f"cbn {__version__}")
+    print(f"  OpenMP: {'on' if _kernels.openmp_enabled() else 'off (serial build)'}")
+    print(f"  threads: {get_num_threads()}")

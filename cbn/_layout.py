@@ -1,0 +1,142 @@
+"""From any array and channel axis to the kernels' (outer, C, inner) view, and back.
+
+The kernels take a C-contiguous, native-byte-order float32 or float64 array of
+shape (outer, C, inner): outer is the product of the dimensions before the
+channel axis and inner of those after it. A C-contiguous input of a supported
+dtype is viewed without a copy; anything else (Fortran order, strided,
+byte-swapped, float16) is copied once. The caller's array is never written.
+"""
+import operator
+
+import numpy as np
+
+from . import _checks
+
+
+class ChannelView:
+    """An input seen as (outer, C, inner), with what is needed to shape results."""
+
+    __slots__ = ("data", "shape", "dtype", "axis")
+
+    def __init__(self, data, shape, dtype, axis):
+        self.data = data    # (outer, C, inner) C-contiguous, compute dtype
+        self.shape = shape  # the caller's shape
+        self.dtype = dtype  # the caller's dtype: results come back in it
+        self.axis = axis    # channel axis, non-negative
+
+    @property
+    def num_channels(self):
+        return self.data.shape[1]
+
+    @property
+    def values_per_channel(self):
+        return self.data.shape[0] * self.data.shape[2]
+
+    @property
+    def size(self):
+        return self.data.size
+
+
+def channel_axis(axis, ndim, shape):
+    if isinstance(axis, (bool, np.bool_)):
+        raise TypeError("axis must be an integer, got bool")
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"axis {axis} is out of bounds for input of shape {shape} ({ndim}D)"
+        )
+    return axis % ndim
+
+
+def as_array(x, name="input"):
+    array = _checks.to_numpy(x)
+    if array.dtype.kind not in "f":
+        raise TypeError(
+            f"{name} has dtype {array.dtype}; cbn supports float16, float32 and "
+            "float64 data"
+        )
+    return array
+
+
+def channel_view(x, axis, name="input"):
+    """Validate ``x`` (rank >= 2, float dtype) and view it as (outer, C, inner)."""
+    array = as_array(x, name)
+    if array.ndim < 2:
+        raise ValueError(
+            f"{name} must have at least 2 dimensions (batch and channels), "
+            f"got shape {array.shape}"
+        )
+    axis = channel_axis(axis, array.ndim, array.shape)
+    data = np.ascontiguousarray(array, dtype=_checks.compute_dtype(array.dtype, name))
+    shape = array.shape
+    outer = int(np.prod(shape[:axis], dtype=np.int64))
+    inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+    return ChannelView(data.reshape(outer, shape[axis], inner), shape,
+                       array.dtype.newbyteorder("="), axis)
+
+
+def like_view(x, view, name):
+    """``x`` (e.g. a gradient) checked to match ``view``'s shape, viewed the same way."""
+    array = as_array(x, name)
+    if array.shape != view.shape:
+        raise ValueError(
+            f"{name} has shape {array.shape}, expected the input's shape {view.shape}"
+        )
+    data = np.ascontiguousarray(array, dtype=view.data.dtype)
+    return data.reshape(view.data.shape)
+
+
+class Output:
+    """Where a kernel writes, and what the caller gets back.
+
+    The kernel writes ``kernel_out`` (compute dtype, (outer, C, inner)), which is
+    the caller's array itself except for float16, converted by ``finish()``.
+    """
+
+    __slots__ = ("result", "kernel_out", "_convert")
+
+    def __init__(self, view, out=None, name="out"):
+        if out is None:
+            self.result = np.empty(view.shape, dtype=view.dtype)
+        else:
+            self.result = check_out(out, view, name)
+        self._convert = self.result.dtype != view.data.dtype
+        if self._convert:  # float16: compute in float32, convert at the end
+            self.kernel_out = np.empty(view.data.shape, dtype=view.data.dtype)
+        else:
+            self.kernel_out = self.result.reshape(view.data.shape)
+
+    def finish(self):
+        if self._convert:
+            self.result[...] = self.kernel_out.reshape(self.result.shape)
+        return self.result
+
+
+def check_out(out, view, name="out"):
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
+    if out.shape != view.shape:
+        raise ValueError(
+            f"{name} has shape {out.shape}, expected the input's shape {view.shape}"
+        )
+    if out.dtype != view.dtype:
+        raise TypeError(f"{name} has dtype {out.dtype}, expected the input's dtype {view.dtype}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    if np.may_share_memory(out, view.data) and not same_buffer(out, view.data):
+        raise ValueError(
+            f"{name} partially overlaps the input; pass the input itself for an "
+            "in-place call, or a separate array"
+        )
+    return out
+
+
+def same_buffer(a, b):
+    """True when two C-contiguous arrays cover exactly the same bytes."""
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.nbytes == b.nbytes)

@@ -1,0 +1,229 @@
+"""Functional batch normalization: the public functions and the shared steps the
+layer is built from.
+
+Public functions validate, canonicalize to an (outer, C, inner) view and
+allocate; the private ``_``-prefixed steps take validated views and float64
+per-channel vectors and call the kernels.
+
+Per-channel statistics that are handed between calls (``save_mean``,
+``save_invstd``) are float64 whatever the data's dtype: a float32 mean would
+already lose the accuracy the kernels keep at large means.
+"""
+import numpy as np
+
+from . import _checks, _kernels
+from ._layout import Output, channel_view, like_view
+from ._threads import threads_for
+
+__all__ = ["batch_norm", "batch_stats", "batch_norm_forward", "batch_norm_backward"]
+
+
+# ---------------------------------------------------------------------------
+# Shared steps on validated views
+
+def _stats(view):
+    """(mean, biased var) in float64; NaN for channels with no values."""
+    num_channels = view.num_channels
+    mean = np.empty(num_channels)
+    var = np.empty(num_channels)
+    if view.values_per_channel == 0:
+        mean.fill(np.nan)
+        var.fill(np.nan)
+    elif num_channels:
+        _kernels.batch_stats(view.data, mean, var, threads_for(view.size))
+    return mean, var
+
+
+def _invstd(var, eps):
+    return 1.0 / np.sqrt(var + eps)
+
+
+def _normalize(view, mean, scale, shift, output):
+    """output <- (x - mean) * scale + shift, per channel."""
+    if view.size:
+        _kernels.normalize(view.data, mean, scale, shift, output.kernel_out,
+                           threads_for(view.size))
+    return output.finish()
+
+
+def _scaled(invstd, weight):
+    return invstd if weight is None else invstd * weight
+
+
+def _shift(bias, num_channels):
+    return np.zeros(num_channels) if bias is None else bias
+
+
+def _check_training_size(view):
+    # PyTorch's rule: one value per channel has no variance to normalize by.
+    if view.values_per_channel == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, "
+            f"got input size {view.shape}"
+        )
+
+
+def _train_forward(view, weight, bias, eps, output):
+    """Normalize with batch statistics; returns (y, mean, var, invstd) in float64."""
+    mean, var = _stats(view)
+    invstd = _invstd(var, eps)
+    y = _normalize(view, mean, _scaled(invstd, weight),
+                   _shift(bias, view.num_channels), output)
+    return y, mean, var, invstd
+
+
+def _eval_forward(view, running_mean, running_var, weight, bias, eps, output):
+    """Normalize with given (running) statistics, all float64 vectors."""
+    scale = _scaled(_invstd(running_var, eps), weight)
+    return _normalize(view, running_mean, scale, _shift(bias, view.num_channels), output)
+
+
+def _update_running(running_mean, running_var, mean, var, n, factor):
+    """PyTorch's update: running = (1 - factor) * running + factor * batch, with
+    the unbiased variance. Computed in float64, stored in the buffers' dtype."""
+    unbiased = var * (n / (n - 1))
+    new_mean = (1.0 - factor) * running_mean + factor * mean
+    new_var = (1.0 - factor) * running_var + factor * unbiased
+    running_mean[...] = new_mean
+    running_var[...] = new_var
+
+
+def _backward(dy, view, mean, invstd, weight, training, output):
+    """Input gradient into ``output``; returns (dx, grad_weight, grad_bias) float64.
+
+    training: the forward normalized with batch statistics, so mean and invstd
+    depend on x; otherwise they were constants (running statistics).
+    """
+    num_channels = view.num_channels
+    sum_dy = np.zeros(num_channels)
+    dotp = np.zeros(num_channels)
+    n = view.values_per_channel
+    if view.size:
+        threads = threads_for(view.size)
+        _kernels.grad_sums(dy, view.data, mean, sum_dy, dotp, threads)
+        scale = _scaled(invstd, weight)
+        if training:
+            _kernels.grad_input(dy, view.data, mean, sum_dy / n,
+                                dotp * invstd * invstd / n, scale,
+                                output.kernel_out, threads)
+        else:
+            _kernels.normalize(dy, np.zeros(num_channels), scale,
+                               np.zeros(num_channels), output.kernel_out, threads)
+    return output.finish(), dotp * invstd, sum_dy
+
+
+def _optional_vector(value, num_channels, name):
+    if value is None:
+        return None
+    return _checks.channel_vector(value, num_channels, name)
+
+
+# ---------------------------------------------------------------------------
+# Public functions
+
+def batch_stats(x, *, axis=1):
+    """Per-channel mean and biased variance of ``x`` over every axis but ``axis``.
+
+    Accumulated in float64 with a two-pass-per-block scheme, accurate even when
+    |mean| is huge relative to the spread. Returned in ``x``'s dtype; NaN for
+    channels with no values (an empty batch).
+    """
+    view = channel_view(x, axis)
+    mean, var = _stats(view)
+    return mean.astype(view.dtype), var.astype(view.dtype)
+
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, axis=1, out=None):
+    """Batch normalization with the meaning of ``torch.nn.functional.batch_norm``.
+
+    training=False: normalize with ``running_mean`` / ``running_var`` (required).
+    training=True: normalize with the batch statistics and, when running
+    statistics are given (NumPy arrays, both or neither), update them in place:
+    ``running = (1 - momentum) * running + momentum * batch`` with the unbiased
+    batch variance. ``axis`` is the channel axis; ``out`` an optional
+    C-contiguous array of ``x``'s shape and dtype (``out=x`` works in place).
+    Returns ``y`` in ``x``'s dtype.
+    """
+    view = channel_view(x, axis)
+    num_channels = view.num_channels
+    eps = _checks.eps(eps)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "running_mean and running_var must be given together (or both None), "
+            f"got running_mean={'None' if running_mean is None else 'an array'} and "
+            f"running_var={'None' if running_var is None else 'an array'}"
+        )
+    has_running = running_mean is not None
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if training and has_running:
+        momentum = _checks.momentum(momentum, allow_none=False)
+    elif momentum is not None:
+        momentum = _checks.momentum(momentum)
+    weight = _optional_vector(weight, num_channels, "weight")
+    bias = _optional_vector(bias, num_channels, "bias")
+
+    if not training:
+        if not has_running:
+            raise ValueError(
+                "running_mean and running_var are required when training=False"
+            )
+        mean = _checks.channel_vector(running_mean, num_channels, "running_mean")
+        var = _checks.channel_vector(running_var, num_channels, "running_var")
+        output = Output(view, out)
+        return _eval_forward(view, mean, var, weight, bias, eps, output)
+
+    if has_running:
+        running_mean = _checks.running_buffer(running_mean, num_channels, "running_mean")
+        running_var = _checks.running_buffer(running_var, num_channels, "running_var")
+    _check_training_size(view)
+    output = Output(view, out)
+    y, mean, var, _ = _train_forward(view, weight, bias, eps, output)
+    if has_running and view.size:
+        _update_running(running_mean, running_var, mean, var,
+                        view.values_per_channel, momentum)
+    return y
+
+
+def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None):
+    """Training-mode forward that returns what the backward pass needs.
+
+    Returns ``(y, save_mean, save_invstd)``: ``y`` in ``x``'s dtype, and the batch
+    mean and ``1 / sqrt(var + eps)`` per channel as float64 arrays. Pass them
+    to :func:`batch_norm_backward` with the same ``x``. No running statistics
+    are involved; keep them with :func:`batch_norm` or a :class:`BatchNorm` layer.
+    """
+    view = channel_view(x, axis)
+    eps = _checks.eps(eps)
+    weight = _optional_vector(weight, view.num_channels, "weight")
+    bias = _optional_vector(bias, view.num_channels, "bias")
+    _check_training_size(view)
+    y, mean, _, invstd = _train_forward(view, weight, bias, eps, Output(view, out))
+    return y, mean, invstd
+
+
+def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, axis=1,
+                        training=True, out=None):
+    """Gradients of batch normalization.
+
+    ``dy`` is the gradient of the output, ``x`` the forward's input, and
+    ``save_mean`` / ``save_invstd`` the per-channel statistics the forward
+    normalized with: those returned by :func:`batch_norm_forward` when
+    ``training=True``, or the running mean and ``1 / sqrt(running_var + eps)``
+    for an inference-mode forward (``training=False``, where the statistics are
+    constants). Returns ``(dx, grad_weight, grad_bias)`` in ``x``'s dtype;
+    ``grad_weight`` and ``grad_bias`` are computed whether or not ``weight`` is
+    given (the gradients of an implicit weight 1 and bias 0).
+    """
+    view = channel_view(x, axis, name="x")
+    dy_data = like_view(dy, view, "dy")
+    num_channels = view.num_channels
+    mean = _checks.channel_vector(save_mean, num_channels, "save_mean")
+    invstd = _checks.channel_vector(save_invstd, num_channels, "save_invstd")
+    weight = _optional_vector(weight, num_channels, "weight")
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    dx, grad_weight, grad_bias = _backward(dy_data, view, mean, invstd, weight,
+                                           bool(training), Output(view, out))
+    return dx, grad_weight.astype(view.dtype), grad_bias.astype(view.dtype)

@@ -1,0 +1,326 @@
+"""The BatchNorm layer: parameters, running statistics and train/eval switching
+around the functional steps, with PyTorch's semantics."""
+import operator
+from collections import namedtuple
+from collections.abc import Mapping
+
+import numpy as np
+
+from . import _checks
+from . import functional as F
+from ._layout import Output, as_array, channel_view, like_view
+
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+# What backward needs from the last forward. ``batch_stats`` is True when the
+# forward normalized with the batch's own statistics (so they depend on x).
+_Saved = namedtuple("_Saved", "view mean invstd weight batch_stats")
+
+IncompatibleKeys = namedtuple("IncompatibleKeys", "missing_keys unexpected_keys")
+
+_STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+class _ChannelArray:
+    """A per-channel array attribute (weight, bias, running stats).
+
+    Assigning validates the shape and converts to the layer's dtype; an
+    attribute that is None (affine=False, track_running_stats=False) stays None.
+    """
+
+    def __set_name__(self, owner, name):
+        self.name = name
+        self.slot = "_" + name
+
+    def __get__(self, layer, owner=None):
+        if layer is None:
+            return self
+        return getattr(layer, self.slot)
+
+    def __set__(self, layer, value):
+        current = getattr(layer, self.slot)
+        if current is None or value is None:
+            if current is None and value is None:
+                return
+            raise ValueError(
+                f"{type(layer).__name__}.{self.name} is "
+                f"{'None' if current is None else 'an array'} on this layer and "
+                f"cannot be set to {'None' if value is None else 'an array'}"
+            )
+        setattr(layer, self.slot, _checks.channel_vector(
+            value, layer.num_features, self.name, dtype=layer.dtype))
+
+
+class BatchNorm:
+    """Batch normalization over any channel axis of NumPy arrays.
+
+    y = (x - mean) / sqrt(var + eps) * weight + bias, per channel, where in
+    training mean and var are the batch's (biased) statistics and running
+    averages of them are kept; in eval mode the running averages are used.
+    Semantics follow ``torch.nn.BatchNorm*d``; see the README.
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels C.
+    eps : float
+        Added to the variance before the square root (> 0).
+    momentum : float in [0, 1] or None
+        Weight of the new batch in the running averages; None for a cumulative
+        average over all batches seen.
+    affine : bool
+        Learn a per-channel ``weight`` (init 1) and ``bias`` (init 0).
+    track_running_stats : bool
+        Keep ``running_mean`` (init 0) and ``running_var`` (init 1); without
+        them, eval mode normalizes with batch statistics too.
+    axis : int, keyword-only
+        The channel axis of the input (1 for NCHW and (N, C); -1 for
+        channels-last).
+    dtype : float32 or float64, keyword-only
+        dtype of the parameters and buffers. Inputs of any float dtype are
+        computed natively and keep their own dtype.
+    """
+
+    # Input ranks the layer accepts (None: any rank >= 2) and how to name them.
+    _ranks = None
+    _ranks_text = "at least 2D"
+
+    weight = _ChannelArray()
+    bias = _ChannelArray()
+    running_mean = _ChannelArray()
+    running_var = _ChannelArray()
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *, axis=1, dtype=np.float32):
+        self.num_features = _checks.num_features(num_features)
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        if isinstance(axis, (bool, np.bool_)):
+            raise TypeError("axis must be an integer, got bool")
+        try:
+            self.axis = operator.index(axis)
+        except TypeError:
+            raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
+        self.dtype = _checks.layer_dtype(dtype)
+        self.training = True
+        shape, dt = (self.num_features,), self.dtype
+        self._weight = np.ones(shape, dt) if self.affine else None
+        self._bias = np.zeros(shape, dt) if self.affine else None
+        self._running_mean = np.zeros(shape, dt) if self.track_running_stats else None
+        self._running_var = np.ones(shape, dt) if self.track_running_stats else None
+        self.num_batches_tracked = 0 if self.track_running_stats else None
+        self.grad_weight = None
+        self.grad_bias = None
+        self._saved = None
+
+    # -- hyper-parameters, validated on assignment so calls need not re-check
+
+    @property
+    def eps(self):
+        return self._eps
+
+    @eps.setter
+    def eps(self, value):
+        self._eps = _checks.eps(value)
+
+    @property
+    def momentum(self):
+        return self._momentum
+
+    @momentum.setter
+    def momentum(self, value):
+        self._momentum = _checks.momentum(value)
+
+    # -- modes
+
+    def train(self, mode=True):
+        if not isinstance(mode, (bool, np.bool_)):
+            raise TypeError(f"training mode is expected to be a bool, got {type(mode).__name__}")
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    # -- forward and backward
+
+    def _view(self, x):
+        array = as_array(x)
+        if self._ranks is not None and array.ndim not in self._ranks:
+            raise ValueError(f"expected {self._ranks_text} input (got {array.ndim}D input)")
+        view = channel_view(array, self.axis)
+        if view.num_channels != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) expects "
+                f"{self.num_features} channels on axis {self.axis}, got input of "
+                f"shape {view.shape} with {view.num_channels}"
+            )
+        return view
+
+    def _params64(self):
+        if not self.affine:
+            return None, None
+        return (np.asarray(self.weight, dtype=np.float64),
+                np.asarray(self.bias, dtype=np.float64))
+
+    def forward(self, x):
+        """Normalize ``x``; returns a new array of ``x``'s shape and dtype."""
+        view = self._view(x)
+        weight, bias = self._params64()
+        use_batch_stats = self.training or self.running_mean is None
+        output = Output(view)
+        if use_batch_stats:
+            F._check_training_size(view)
+            y, mean, var, invstd = F._train_forward(view, weight, bias, self.eps, output)
+            if (self.training and self.track_running_stats
+                    and self.running_mean is not None and view.size):
+                self._track(mean, var, view.values_per_channel)
+        else:
+            mean = np.asarray(self.running_mean, dtype=np.float64)
+            invstd = F._invstd(np.asarray(self.running_var, dtype=np.float64), self.eps)
+            y = F._normalize(view, mean, F._scaled(invstd, weight),
+                             F._shift(bias, self.num_features), output)
+        self._saved = _Saved(view, mean, invstd, weight, use_batch_stats)
+        return y
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def _track(self, mean, var, n):
+        self.num_batches_tracked += 1
+        if self.momentum is None:  # cumulative moving average
+            factor = 1.0 / self.num_batches_tracked
+        else:
+            factor = self.momentum
+        F._update_running(self.running_mean, self.running_var, mean, var, n, factor)
+
+    def backward(self, dy):
+        """Gradient of the last forward's output -> gradient of its input.
+
+        Also sets ``grad_weight`` and ``grad_bias`` (None when affine=False).
+        After a training-mode forward the batch statistics' dependence on the
+        input is included; after an eval-mode forward they are constants.
+        """
+        if self._saved is None:
+            raise ValueError(
+                f"{type(self).__name__}.backward called before any forward"
+            )
+        saved = self._saved
+        dy_data = like_view(dy, saved.view, "dy")
+        dx, grad_weight, grad_bias = F._backward(
+            dy_data, saved.view, saved.mean, saved.invstd, saved.weight,
+            saved.batch_stats, Output(saved.view))
+        if self.affine:
+            self.grad_weight = grad_weight.astype(self.dtype)
+            self.grad_bias = grad_bias.astype(self.dtype)
+        return dx
+
+    # -- state
+
+    def reset_running_stats(self):
+        if self.running_mean is not None:
+            self.running_mean.fill(0)
+            self.running_var.fill(1)
+            self.num_batches_tracked = 0
+
+    def reset_parameters(self):
+        self.reset_running_stats()
+        if self.affine:
+            self.weight.fill(1)
+            self.bias.fill(0)
+
+    def _state_keys(self):
+        return [key for key in _STATE_KEYS if getattr(self, key) is not None]
+
+    def state_dict(self):
+        """Copies of the parameters and buffers, with PyTorch's keys and order."""
+        state = {}
+        for key in self._state_keys():
+            if key == "num_batches_tracked":
+                state[key] = np.array(self.num_batches_tracked, dtype=np.int64)
+            else:
+                state[key] = getattr(self, key).copy()
+        return state
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy values from a mapping of array-likes (PyTorch tensors included).
+
+        strict=True: every key of :meth:`state_dict` must be present (a missing
+        ``num_batches_tracked`` is tolerated, as in PyTorch) and no other key.
+        Values are checked before anything is copied, so a failed load changes
+        nothing. Returns ``(missing_keys, unexpected_keys)``.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"state_dict must be a mapping, got {type(state_dict).__name__}"
+            )
+        keys = self._state_keys()
+        unexpected = [key for key in state_dict if key not in keys]
+        missing = [key for key in keys if key not in state_dict]
+        strict_missing = [key for key in missing if key != "num_batches_tracked"]
+        if strict and (unexpected or strict_missing):
+            raise ValueError(
+                f"error loading state_dict into {self!r}: missing keys "
+                f"{strict_missing}, unexpected keys {unexpected}"
+            )
+        staged = {}
+        for key in keys:
+            if key not in state_dict:
+                continue
+            if key == "num_batches_tracked":
+                staged[key] = _batch_count(state_dict[key])
+            else:
+                staged[key] = _checks.channel_vector(
+                    state_dict[key], self.num_features, key, dtype=self.dtype)
+        for key, value in staged.items():
+            if key == "num_batches_tracked":
+                self.num_batches_tracked = value
+            else:
+                getattr(self, key)[...] = value
+        return IncompatibleKeys(missing, unexpected)
+
+    def __repr__(self):
+        text = (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}")
+        if self.axis != 1:
+            text += f", axis={self.axis}"
+        if self.dtype != np.float32:
+            text += f", dtype={self.dtype}"
+        return text + ")"
+
+
+def _batch_count(value):
+    array = _checks.to_numpy(value)
+    if array.dtype.kind not in "iu" or array.size != 1:
+        raise TypeError(
+            "num_batches_tracked must be a single integer, got an array of "
+            f"shape {array.shape} and dtype {array.dtype}"
+        )
+    count = int(array.reshape(()))
+    if count < 0:
+        raise ValueError(f"num_batches_tracked must be >= 0, got {count}")
+    return count
+
+
+class BatchNorm1d(BatchNorm):
+    """BatchNorm for (N, C) or (N, C, L) input."""
+
+    _ranks = (2, 3)
+    _ranks_text = "2D or 3D"
+
+
+class BatchNorm2d(BatchNorm):
+    """BatchNorm for (N, C, H, W) input."""
+
+    _ranks = (4,)
+    _ranks_text = "4D"
+
+
+class BatchNorm3d(BatchNorm):
+    """BatchNorm for (N, C, D, H, W) input."""
+
+    _ranks = (5,)
+    _ranks_text = "5D"
