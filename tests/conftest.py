@@ -1,0 +1,21 @@
+"""Fixtures for the cbn test suite.
+
+The suite imports the *installed* cbn: pytest runs in importlib mode and only
+tests/ is put on sys.path, never the repository root (see test_install.py).
+"""
+import numpy as np
+import pytest
+
+import cbn
+
+
+def pytest_report_header(config):
+    from cbn import _kernels
+    return (f"cbn {cbn.__version__} from {cbn.__file__}; "
+            f"OpenMP {'on' if _kernels.openmp_enabled() else 'off'}, "
+            f"{cbn.get_num_threads()} threads")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261122)

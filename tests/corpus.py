@@ -1,0 +1,52 @@
+"""The shared corpus of the test suite: layouts, dtypes, data and tolerances.
+
+Importable from every test module because pyproject.toml puts tests/ on
+pytest's pythonpath (the repository root stays off it).
+"""
+import numpy as np
+import pytest
+
+# (shape, channel axis): every layout the issue names plus awkward sizes.
+# Shapes with inner >= 32 exercise the kernels' planar walk, the others the
+# interleaved walk; the larger ones span several parallel work units.
+LAYOUTS = [
+    pytest.param((6, 5), 1, id="NC"),
+    pytest.param((4, 3, 7), 1, id="NCL"),
+    pytest.param((3, 4, 5, 6), 1, id="NCHW"),
+    pytest.param((3, 5, 6, 4), -1, id="NHWC"),
+    pytest.param((2, 3, 4, 5, 3), 1, id="NCDHW"),
+    pytest.param((5, 1, 3, 3), 1, id="C1"),
+    pytest.param((7, 4, 1, 1), 1, id="HW1"),
+    pytest.param((2, 3), 1, id="N2"),
+    pytest.param((3, 7, 11, 13), 1, id="primes"),
+    pytest.param((4, 3, 8, 8), 1, id="NCHW-planar"),
+    pytest.param((5, 4, 3, 2), 2, id="axis2"),
+    pytest.param((2, 3, 40000), 1, id="NCL-long"),
+    pytest.param((300, 700), 1, id="NC-wide"),
+    pytest.param((2000, 3), -1, id="NC-tall"),
+]
+
+DTYPES = [np.float32, np.float64]
+
+
+def channel_shape(ndim, axis, size):
+    """Shape that broadcasts a (C,) vector along ``axis`` of an ndim array."""
+    shape = [1] * ndim
+    shape[axis] = size
+    return tuple(shape)
+
+
+def make_input(rng, shape, axis, dtype, offset=0.0, scale=1.0):
+    """Random data whose channels have distinct means and spreads."""
+    num_channels = shape[axis]
+    channel_mean = rng.uniform(-3, 3, num_channels).reshape(
+        channel_shape(len(shape), axis, num_channels))
+    channel_std = rng.uniform(0.5, 2, num_channels).reshape(
+        channel_shape(len(shape), axis, num_channels))
+    x = offset + scale * (channel_mean + channel_std * rng.standard_normal(shape))
+    return x.astype(dtype)
+
+
+def tolerance(dtype):
+    """(rtol, atol) for comparing a result in ``dtype`` with the float64 oracle."""
+    return (2e-5, 2e-5) if np.dtype(dtype) == np.float32 else (1e-11, 1e-11)

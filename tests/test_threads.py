@@ -1,0 +1,77 @@
+"""Thread count: results bit-identical for any count, and the count's API."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cbn
+
+from corpus import make_input
+
+# Large enough to be split across threads in both kernel walks.
+THREADED_LAYOUTS = [((64, 16, 16, 16), 1), ((4096, 96), 1), ((8, 24, 24, 64), -1),
+                    ((3, 2, 70000), 1)]
+
+
+@pytest.fixture
+def restore_threads():
+    yield
+    cbn.set_num_threads(None)
+
+
+def run_all_kernels(x, dy, axis, weight, bias):
+    num_channels = x.shape[axis]
+    y, mean, invstd = cbn.batch_norm_forward(x, weight, bias, axis=axis)
+    stats = cbn.batch_stats(x, axis=axis)
+    grads = cbn.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis)
+    eval_grads = cbn.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis,
+                                         training=False)
+    running = [np.zeros(num_channels), np.ones(num_channels)]
+    y_eval = cbn.batch_norm(x, *running, weight, bias, axis=axis)
+    y_train = cbn.batch_norm(x, *running, weight, bias, training=True, axis=axis)
+    return [y, mean, invstd, *stats, *grads, *eval_grads, y_eval, y_train, *running]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, axis", THREADED_LAYOUTS)
+def test_bit_identical_for_one_and_two_threads(rng, restore_threads, shape, axis, dtype):
+    x = make_input(rng, shape, axis, dtype, offset=100.0)
+    dy = rng.standard_normal(shape).astype(dtype)
+    weight = rng.uniform(0.5, 2, shape[axis])
+    bias = rng.uniform(-1, 1, shape[axis])
+    cbn.set_num_threads(1)
+    serial = run_all_kernels(x, dy, axis, weight, bias)
+    cbn.set_num_threads(2)
+    parallel = run_all_kernels(x, dy, axis, weight, bias)
+    for a, b in zip(serial, parallel):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_set_and_get_num_threads(restore_threads):
+    cbn.set_num_threads(3)
+    assert cbn.get_num_threads() == 3
+    cbn.set_num_threads(None)
+    assert cbn.get_num_threads() >= 1
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-2, ValueError),
+                                        ("2", TypeError), (1.5, TypeError),
+                                        (True, TypeError)])
+def test_set_num_threads_rejects(restore_threads, bad, error):
+    cbn.set_num_threads(2)
+    with pytest.raises(error, match="set_num_threads"):
+        cbn.set_num_threads(bad)
+    assert cbn.get_num_threads() == 2
+
+
+def test_default_follows_omp_num_threads():
+    from cbn import _kernels
+    if not _kernels.openmp_enabled():
+        pytest.skip("serial build: OMP_NUM_THREADS has nothing to set")
+    env = dict(os.environ, OMP_NUM_THREADS="3")
+    out = subprocess.run(
+        [sys.executable, "-c", "import cbn; print(cbn.get_num_threads())"],
+        env=env, capture_output=True, text=True, check=True, cwd=os.path.dirname(__file__))
+    assert out.stdout.strip() == "3"
