@@ -93,5 +93,8 @@ extensions = [
 ]
 
 setup(
-    ext_modules=cythonize(extensions, compiler_directives=COMPILER_DIRECTIVES),
+    # force: the generated C depends on the switches above, which cythonize's
+    # timestamp check cannot see.
+    ext_modules=cythonize(extensions, compiler_directives=COMPILER_DIRECTIVES,
+                          force=True),
 )

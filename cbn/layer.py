@@ -47,8 +47,11 @@ class _ChannelArray:
                 f"{'None' if current is None else 'an array'} on this layer and "
                 f"cannot be set to {'None' if value is None else 'an array'}"
             )
-        setattr(layer, self.slot, _checks.channel_vector(
-            value, layer.num_features, self.name, dtype=layer.dtype))
+        array = _checks.channel_vector(value, layer.num_features, self.name,
+                                       dtype=layer.dtype)
+        if not array.flags.writeable:  # the layer updates its arrays in place
+            array = array.copy()
+        setattr(layer, self.slot, array)
 
 
 class BatchNorm:
