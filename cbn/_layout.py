@@ -98,11 +98,11 @@ class Output:
 
     __slots__ = ("result", "kernel_out", "_convert")
 
-    def __init__(self, view, out=None, name="out"):
+    def __init__(self, view, out=None, name="out", other_inputs=()):
         if out is None:
             self.result = np.empty(view.shape, dtype=view.dtype)
         else:
-            self.result = check_out(out, view, name)
+            self.result = check_out(out, view, name, other_inputs)
         self._convert = self.result.dtype != view.data.dtype
         if self._convert:  # float16: compute in float32, convert at the end
             self.kernel_out = np.empty(view.data.shape, dtype=view.data.dtype)
@@ -115,7 +115,10 @@ class Output:
         return self.result
 
 
-def check_out(out, view, name="out"):
+def check_out(out, view, name="out", other_inputs=()):
+    """``out`` must match the input and overlap each input wholly or not at all:
+    the kernels are elementwise, so writing over the very element just read is
+    safe, but a shifted overlap would read already-written values."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
     if out.shape != view.shape:
@@ -128,11 +131,12 @@ def check_out(out, view, name="out"):
         raise ValueError(f"{name} must be C-contiguous")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
-    if np.may_share_memory(out, view.data) and not same_buffer(out, view.data):
-        raise ValueError(
-            f"{name} partially overlaps the input; pass the input itself for an "
-            "in-place call, or a separate array"
-        )
+    for data in (view.data, *other_inputs):
+        if np.may_share_memory(out, data) and not same_buffer(out, data):
+            raise ValueError(
+                f"{name} partially overlaps an input; pass that input itself for "
+                "an in-place call, or a separate array"
+            )
     return out
 
 

@@ -225,5 +225,6 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, axis=1,
     if not isinstance(training, (bool, np.bool_)):
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
     dx, grad_weight, grad_bias = _backward(dy_data, view, mean, invstd, weight,
-                                           bool(training), Output(view, out))
+                                           bool(training),
+                                           Output(view, out, other_inputs=(dy_data,)))
     return dx, grad_weight.astype(view.dtype), grad_bias.astype(view.dtype)

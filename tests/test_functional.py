@@ -203,3 +203,17 @@ def test_nonfinite_values_stay_in_their_channel(rng):
     clean = np.delete(x, [1, 2], axis=1)
     np.testing.assert_allclose(np.delete(y, [1, 2], axis=1),
                                reference.batch_norm_forward(clean)[0], rtol=2e-5, atol=2e-5)
+
+
+def test_backward_out_may_be_dy_but_not_overlap_it_partially(rng):
+    x = make_input(rng, (6, 3, 4, 4), 1, np.float64)
+    _, mean, invstd = cbn.batch_norm_forward(x)
+    buffer = rng.standard_normal(2 * x.size)
+    dy = buffer[: x.size].reshape(x.shape)
+    expected = cbn.batch_norm_backward(dy.copy(), x, mean, invstd)[0]
+    shifted = buffer[1: x.size + 1].reshape(x.shape)
+    with pytest.raises(ValueError, match="overlaps"):
+        cbn.batch_norm_backward(dy, x, mean, invstd, out=shifted)
+    dx, _, _ = cbn.batch_norm_backward(dy, x, mean, invstd, out=dy)
+    assert dx is dy
+    np.testing.assert_array_equal(dx, expected)
