@@ -6,18 +6,23 @@ pytest's pythonpath (the repository root stays off it).
 import numpy as np
 import pytest
 
-# (shape, channel axis): every layout the issue names plus awkward sizes.
-# Shapes with inner >= 32 exercise the kernels' planar walk, the others the
-# interleaved walk; the larger ones span several parallel work units.
-LAYOUTS = [
+# (shape, channel axis). The small layouts: every layout the issue names, C=1
+# and N=2; cheap enough for tests that loop in Python (finite differences).
+SMALL_LAYOUTS = [
     pytest.param((6, 5), 1, id="NC"),
     pytest.param((4, 3, 7), 1, id="NCL"),
     pytest.param((3, 4, 5, 6), 1, id="NCHW"),
     pytest.param((3, 5, 6, 4), -1, id="NHWC"),
     pytest.param((2, 3, 4, 5, 3), 1, id="NCDHW"),
     pytest.param((5, 1, 3, 3), 1, id="C1"),
-    pytest.param((7, 4, 1, 1), 1, id="HW1"),
     pytest.param((2, 3), 1, id="N2"),
+]
+
+# The full corpus adds awkward sizes. Shapes with inner >= 32 exercise the
+# kernels' planar walk, the others the interleaved walk; the larger ones span
+# several parallel work units.
+LAYOUTS = SMALL_LAYOUTS + [
+    pytest.param((7, 4, 1, 1), 1, id="HW1"),
     pytest.param((3, 7, 11, 13), 1, id="primes"),
     pytest.param((4, 3, 8, 8), 1, id="NCHW-planar"),
     pytest.param((5, 4, 3, 2), 2, id="axis2"),
@@ -34,6 +39,24 @@ def channel_shape(ndim, axis, size):
     shape = [1] * ndim
     shape[axis] = size
     return tuple(shape)
+
+
+def per_channel(vector, ndim, axis):
+    """A (C,) vector as float64, shaped to broadcast along ``axis``."""
+    return np.asarray(vector, dtype=np.float64).reshape(channel_shape(ndim, axis, -1))
+
+
+def layer_state(layer):
+    """Every piece of a layer's state; arrays as (dtype, shape, bytes) copies,
+    so two snapshots compare bit for bit."""
+    state = {}
+    for name in ("weight", "bias", "running_mean", "running_var", "grad_weight", "grad_bias"):
+        value = getattr(layer, name)
+        state[name] = None if value is None else (value.dtype.str, value.shape, value.tobytes())
+    for name in ("num_batches_tracked", "training", "eps", "momentum", "affine",
+                 "track_running_stats", "num_features", "axis"):
+        state[name] = getattr(layer, name)
+    return state
 
 
 def make_input(rng, shape, axis, dtype, offset=0.0, scale=1.0):
