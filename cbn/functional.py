@@ -95,20 +95,21 @@ def _backward(dy, view, mean, invstd, weight, training, output):
     depend on x; otherwise they were constants (running statistics).
     """
     num_channels = view.num_channels
-    sum_dy = np.zeros(num_channels)
-    dotp = np.zeros(num_channels)
+    if view.size == 0:  # an empty batch: nothing flows back (stats are NaN)
+        return output.finish(), np.zeros(num_channels), np.zeros(num_channels)
+    sum_dy = np.empty(num_channels)
+    dotp = np.empty(num_channels)
     n = view.values_per_channel
-    if view.size:
-        threads = threads_for(view.size)
-        _kernels.grad_sums(dy, view.data, mean, sum_dy, dotp, threads)
-        scale = _scaled(invstd, weight)
-        if training:
-            _kernels.grad_input(dy, view.data, mean, sum_dy / n,
-                                dotp * invstd * invstd / n, scale,
-                                output.kernel_out, threads)
-        else:
-            _kernels.normalize(dy, np.zeros(num_channels), scale,
-                               np.zeros(num_channels), output.kernel_out, threads)
+    threads = threads_for(view.size)
+    _kernels.grad_sums(dy, view.data, mean, sum_dy, dotp, threads)
+    scale = _scaled(invstd, weight)
+    if training:
+        _kernels.grad_input(dy, view.data, mean, sum_dy / n,
+                            dotp * invstd * invstd / n, scale,
+                            output.kernel_out, threads)
+    else:
+        _kernels.normalize(dy, np.zeros(num_channels), scale,
+                           np.zeros(num_channels), output.kernel_out, threads)
     return output.finish(), dotp * invstd, sum_dy
 
 

@@ -217,3 +217,17 @@ def test_backward_out_may_be_dy_but_not_overlap_it_partially(rng):
     dx, _, _ = cbn.batch_norm_backward(dy, x, mean, invstd, out=dy)
     assert dx is dy
     np.testing.assert_array_equal(dx, expected)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (2, 3, 0), (0, 3, 4, 4)])
+def test_backward_of_an_empty_batch_is_empty_with_zero_parameter_gradients(shape):
+    x = np.empty(shape, np.float32)
+    y, mean, invstd = cbn.batch_norm_forward(x)
+    dx, grad_weight, grad_bias = cbn.batch_norm_backward(np.empty_like(x), x, mean, invstd)
+    assert dx.shape == shape and dx.dtype == np.float32
+    np.testing.assert_array_equal(grad_weight, np.zeros(3, np.float32))
+    np.testing.assert_array_equal(grad_bias, np.zeros(3, np.float32))
+    layer = cbn.BatchNorm(3)
+    layer(x)
+    assert layer.backward(np.empty_like(x)).shape == shape
+    np.testing.assert_array_equal(layer.grad_weight, np.zeros(3, np.float32))
