@@ -2,7 +2,9 @@
 
 Environment switches (read at build time):
     CBN_BOUNDSCHECK=1  compile the Cython kernels with boundscheck, wraparound
-                       and initializedcheck on, to hunt an out-of-bounds access.
+                       and initializedcheck on. This checks memoryview indexing
+                       (per-channel vectors); the hot loops walk raw pointers,
+                       which it does not check (a sanitizer build would).
     CBN_NO_OPENMP=1    build serial even where OpenMP is available.
 """
 import os
@@ -30,7 +32,10 @@ def openmp_flags():
     if env_flag("CBN_NO_OPENMP"):
         warnings.warn("cbn: CBN_NO_OPENMP is set; building the kernels serial.")
         return []
-    compiler = sysconfig.get_config_var("CC") or "cc"
+    if sys.platform == "win32":
+        return ["/openmp"]  # MSVC always has it
+    # The compiler setuptools will use: $CC, else the one Python was built with.
+    compiler = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
     compiler = compiler.split()[0]
     flag = "-fopenmp"
     source = (
@@ -78,7 +83,7 @@ COMPILER_DIRECTIVES = {
 omp = openmp_flags()
 # -O3 without -march=native: the wheel must run on any x86-64.
 compile_args = ["-O3"] + omp if sys.platform != "win32" else ["/O2"]
-link_args = list(omp)
+link_args = [f for f in omp if f != "/openmp"]
 
 extensions = [
     Extension(

@@ -39,9 +39,11 @@ def layer_dtype(dtype):
 
 
 def _real_number(value, name):
+    """``value`` as a Python int or float (kept as given, so reprs read like
+    PyTorch's ``eps=1``); TypeError for anything else."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
+    return value if type(value) in (int, float) else float(value)
 
 
 def eps(value):
@@ -57,20 +59,23 @@ def momentum(value, allow_none=True):
             raise TypeError("momentum must be a number in [0, 1], got None")
         return None
     value = _real_number(value, "momentum")
-    if not 0.0 <= value <= 1.0:
+    if not 0 <= value <= 1:
         raise ValueError(f"momentum must be in [0, 1] (or None), got {value!r}")
     return value
 
 
-def num_features(value):
+def integer(value, name, what="an integer"):
+    """``value`` as a Python int; TypeError for bools, floats and the rest."""
     if isinstance(value, (bool, np.bool_)):
-        raise TypeError("num_features must be a positive integer, got bool")
+        raise TypeError(f"{name} must be {what}, got bool")
     try:
-        value = operator.index(value)
+        return operator.index(value)
     except TypeError:
-        raise TypeError(
-            f"num_features must be a positive integer, got {type(value).__name__}"
-        ) from None
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}") from None
+
+
+def num_features(value):
+    value = integer(value, "num_features", "a positive integer")
     if value < 1:
         raise ValueError(f"num_features must be a positive integer, got {value}")
     return value
@@ -102,8 +107,12 @@ def real_dtype(array, name):
         )
 
 
-def channel_vector(value, num_channels, name, dtype=np.float64):
-    """``value`` as a contiguous (C,) array of ``dtype``: weights, biases, stats."""
+def channel_vector(value, num_channels, name, dtype=np.float64, copy=True):
+    """``value`` as a contiguous (C,) array of ``dtype``: weights, biases, stats.
+
+    A copy by default, so that the kernels' per-channel inputs cannot alias an
+    ``out=`` array or change under a later in-place edit.
+    """
     array = to_numpy(value)
     real_dtype(array, name)
     if array.shape != (num_channels,):
@@ -111,6 +120,8 @@ def channel_vector(value, num_channels, name, dtype=np.float64):
             f"{name} has shape {array.shape}, expected ({num_channels},) "
             f"for {num_channels} channels"
         )
+    if copy:
+        return np.array(array, dtype=dtype, order="C")
     return np.ascontiguousarray(array, dtype=dtype)
 
 

@@ -7,12 +7,14 @@ on data and never touch the GIL inside a loop.
 
 Two walks over that view:
 
-* planar (``inner >= PLANAR_MIN_INNER``, e.g. NCHW): a channel's data is
-  ``outer`` contiguous runs of ``inner`` elements; work is split into units of
-  (channel, range of outer).
-* interleaved (short ``inner``, e.g. (N, C) or NHWC): the view is read as rows
-  of ``W = C * inner`` columns; work is split into units of (range of rows,
-  tile of columns) and the inner loops run along a row, vectorizable.
+* planar (``inner >= PLANAR_MIN_INNER``, e.g. NCHW, or too few rows for the
+  interleaved walk): a channel's data is ``outer`` contiguous runs of
+  ``inner`` elements; work is split into units of (channel, range of outer).
+* interleaved (short ``inner`` and at least ``MIN_CHUNK_ROWS`` rows, e.g.
+  (N, C) or NHWC): the view is read as rows of ``W = C * inner`` columns; work
+  is split into units of (range of rows, tile of columns) and the inner loops
+  run along a row, vectorizable. Its per-column scratch (partials, expanded
+  parameters) is bounded by a small fraction of x because it needs many rows.
 
 Determinism: the split into units depends only on the shape, each unit writes
 its own partial results, and partials are merged in a fixed order after the
@@ -41,7 +43,7 @@ cdef enum:
     UNIT_ELEMS = 65536     # target elements per parallel work unit
     TILE_COLS = 512        # columns per interleaved work unit
     MIN_CHUNK_ROWS = 64    # interleaved units span at least this many rows
-    MAX_ROW_CHUNKS = 64    # bounds the partials buffer to a fraction of x
+    MAX_ROW_CHUNKS = 64    # bounds the number of per-column partials
 
 
 def openmp_enabled():
@@ -59,6 +61,18 @@ def max_threads():
 
 cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
+
+
+cdef inline bint planar_walk(Py_ssize_t outer, Py_ssize_t inner) noexcept nogil:
+    """Which walk a view takes; every kernel must agree on it."""
+    return inner >= PLANAR_MIN_INNER or outer < MIN_CHUNK_ROWS
+
+
+cdef inline int team_size(int num_threads, Py_ssize_t n_units) noexcept nogil:
+    """Never more threads than units of work (and at least one)."""
+    if n_units < num_threads:
+        return <int>max(n_units, <Py_ssize_t>1)
+    return max(num_threads, 1)
 
 
 cdef inline Py_ssize_t planar_outer_per_unit(Py_ssize_t inner) noexcept nogil:
@@ -215,14 +229,15 @@ def batch_stats(const floating[:, :, ::1] x,
     cdef Py_ssize_t W, rows_per_chunk, n_tiles, j, i, j_start, j_stop
     cdef double n, m, m2, n_part, total = <double>outer * inner
     try:
-        if inner >= PLANAR_MIN_INNER:
+        if planar_walk(outer, inner):
             per_unit = planar_outer_per_unit(inner)
             n_chunks = ceil_div(outer, per_unit)
             n_units = C * n_chunks
             part_mean = <double*>checked_malloc(n_units * sizeof(double))
             part_m2 = <double*>checked_malloc(n_units * sizeof(double))
             with nogil:
-                for u in prange(n_units, schedule='static', num_threads=num_threads):
+                for u in prange(n_units, schedule='static',
+                                num_threads=team_size(num_threads, n_units)):
                     c = u // n_chunks
                     k = u % n_chunks
                     o_start = k * per_unit
@@ -247,8 +262,9 @@ def batch_stats(const floating[:, :, ::1] x,
             n_units = n_chunks * n_tiles
             part_mean = <double*>checked_malloc(n_chunks * W * sizeof(double))
             part_m2 = <double*>checked_malloc(n_chunks * W * sizeof(double))
+            num_threads = team_size(num_threads, n_units)
             scratch = <double*>checked_malloc(
-                max(num_threads, 1) * 2 * TILE_COLS * sizeof(double))
+                <size_t>num_threads * 2 * TILE_COLS * sizeof(double))
             with nogil, parallel(num_threads=num_threads):
                 for u in prange(n_units, schedule='static'):
                     k = u // n_tiles
@@ -309,9 +325,10 @@ def normalize(const floating[:, :, ::1] x,
     cdef double* cols = NULL
     cdef const floating* xrun
     cdef floating* yrun
-    if inner >= PLANAR_MIN_INNER:
+    if planar_walk(outer, inner):
         with nogil:
-            for seg in prange(outer * C, schedule='static', num_threads=num_threads):
+            for seg in prange(outer * C, schedule='static',
+                              num_threads=team_size(num_threads, outer * C)):
                 m = mean[seg % C]
                 s = scale[seg % C]
                 b = shift[seg % C]
@@ -329,7 +346,8 @@ def normalize(const floating[:, :, ::1] x,
             expand_to_columns(&shift[0], C, inner, cols + 2 * W)
             rows_per_chunk = max(<Py_ssize_t>1, UNIT_ELEMS // W)
             n_chunks = ceil_div(outer, rows_per_chunk)
-            for k in prange(n_chunks, schedule='static', num_threads=num_threads):
+            for k in prange(n_chunks, schedule='static',
+                            num_threads=team_size(num_threads, n_chunks)):
                 for r in range(k * rows_per_chunk, min(outer, (k + 1) * rows_per_chunk)):
                     xrun = xp + r * W
                     yrun = yp + r * W
@@ -398,14 +416,15 @@ def grad_sums(const floating[:, :, ::1] dy,
     cdef Py_ssize_t rows_per_chunk, n_tiles
     cdef double s, p
     try:
-        if inner >= PLANAR_MIN_INNER:
+        if planar_walk(outer, inner):
             per_unit = planar_outer_per_unit(inner)
             n_chunks = ceil_div(outer, per_unit)
             n_units = C * n_chunks
             part_s = <double*>checked_malloc(n_units * sizeof(double))
             part_p = <double*>checked_malloc(n_units * sizeof(double))
             with nogil:
-                for u in prange(n_units, schedule='static', num_threads=num_threads):
+                for u in prange(n_units, schedule='static',
+                                num_threads=team_size(num_threads, n_units)):
                     c = u // n_chunks
                     k = u % n_chunks
                     planar_grad_sums_unit(dyp, xp, C, inner, c, k * per_unit,
@@ -430,7 +449,8 @@ def grad_sums(const floating[:, :, ::1] dy,
             mean_cols = <double*>checked_malloc(W * sizeof(double))
             with nogil:
                 expand_to_columns(&mean[0], C, inner, mean_cols)
-                for u in prange(n_units, schedule='static', num_threads=num_threads):
+                for u in prange(n_units, schedule='static',
+                                num_threads=team_size(num_threads, n_units)):
                     k = u // n_tiles
                     j_start = (u % n_tiles) * TILE_COLS
                     interleaved_grad_sums_unit(
@@ -470,9 +490,10 @@ def grad_input(const floating[:, :, ::1] dy,
     cdef Py_ssize_t seg, i, r, j, k, W, rows_per_chunk, n_chunks, offset
     cdef double m, mdy, q, s
     cdef double* cols = NULL
-    if inner >= PLANAR_MIN_INNER:
+    if planar_walk(outer, inner):
         with nogil:
-            for seg in prange(outer * C, schedule='static', num_threads=num_threads):
+            for seg in prange(outer * C, schedule='static',
+                              num_threads=team_size(num_threads, outer * C)):
                 m = mean[seg % C]
                 mdy = mean_dy[seg % C]
                 q = proj[seg % C]
@@ -491,7 +512,8 @@ def grad_input(const floating[:, :, ::1] dy,
             expand_to_columns(&scale[0], C, inner, cols + 3 * W)
             rows_per_chunk = max(<Py_ssize_t>1, UNIT_ELEMS // W)
             n_chunks = ceil_div(outer, rows_per_chunk)
-            for k in prange(n_chunks, schedule='static', num_threads=num_threads):
+            for k in prange(n_chunks, schedule='static',
+                            num_threads=team_size(num_threads, n_chunks)):
                 for r in range(k * rows_per_chunk, min(outer, (k + 1) * rows_per_chunk)):
                     offset = r * W
                     for j in range(W):

@@ -6,8 +6,6 @@ channel axis and inner of those after it. A C-contiguous input of a supported
 dtype is viewed without a copy; anything else (Fortran order, strided,
 byte-swapped, float16) is copied once. The caller's array is never written.
 """
-import operator
-
 import numpy as np
 
 from . import _checks
@@ -16,13 +14,12 @@ from . import _checks
 class ChannelView:
     """An input seen as (outer, C, inner), with what is needed to shape results."""
 
-    __slots__ = ("data", "shape", "dtype", "axis")
+    __slots__ = ("data", "shape", "dtype")
 
-    def __init__(self, data, shape, dtype, axis):
+    def __init__(self, data, shape, dtype):
         self.data = data    # (outer, C, inner) C-contiguous, compute dtype
         self.shape = shape  # the caller's shape
         self.dtype = dtype  # the caller's dtype: results come back in it
-        self.axis = axis    # channel axis, non-negative
 
     @property
     def num_channels(self):
@@ -38,12 +35,7 @@ class ChannelView:
 
 
 def channel_axis(axis, ndim, shape):
-    if isinstance(axis, (bool, np.bool_)):
-        raise TypeError("axis must be an integer, got bool")
-    try:
-        axis = operator.index(axis)
-    except TypeError:
-        raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
+    axis = _checks.integer(axis, "axis")
     if not -ndim <= axis < ndim:
         raise ValueError(
             f"axis {axis} is out of bounds for input of shape {shape} ({ndim}D)"
@@ -52,12 +44,9 @@ def channel_axis(axis, ndim, shape):
 
 
 def as_array(x, name="input"):
+    """``x`` as an ndarray of a supported float dtype (TypeError otherwise)."""
     array = _checks.to_numpy(x)
-    if array.dtype.kind not in "f":
-        raise TypeError(
-            f"{name} has dtype {array.dtype}; cbn supports float16, float32 and "
-            "float64 data"
-        )
+    _checks.compute_dtype(array.dtype, name)
     return array
 
 
@@ -75,7 +64,7 @@ def channel_view(x, axis, name="input"):
     outer = int(np.prod(shape[:axis], dtype=np.int64))
     inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
     return ChannelView(data.reshape(outer, shape[axis], inner), shape,
-                       array.dtype.newbyteorder("="), axis)
+                       array.dtype.newbyteorder("="))
 
 
 def like_view(x, view, name):

@@ -1,11 +1,14 @@
 """Thread count used by the compiled kernels."""
-import operator
+import os
 
-from . import _kernels
+from . import _checks, _kernels
 
 # Below this many elements a kernel runs serial: waking a thread team costs
 # more than the work it would share.
 PARALLEL_MIN_ELEMENTS = 1 << 15
+# A cap well above any CPU cbn targets: asking OpenMP for tens of thousands of
+# threads ends the process (libgomp exits when thread creation fails).
+MAX_THREADS = 256
 
 _num_threads = None  # None: follow OpenMP's default (OMP_NUM_THREADS)
 
@@ -20,16 +23,11 @@ def set_num_threads(n):
     if n is None:
         _num_threads = None
         return
-    if isinstance(n, bool):
-        raise TypeError("set_num_threads expects an integer, got bool")
-    try:
-        n = operator.index(n)
-    except TypeError:
-        raise TypeError(
-            f"set_num_threads expects an integer, got {type(n).__name__}"
-        ) from None
-    if n < 1:
-        raise ValueError(f"set_num_threads expects a positive thread count, got {n}")
+    n = _checks.integer(n, "set_num_threads(n)")
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(
+            f"set_num_threads expects a thread count from 1 to {MAX_THREADS}, got {n}"
+        )
     _num_threads = n
 
 
@@ -37,7 +35,7 @@ def get_num_threads():
     """Number of threads the kernels use (OpenMP's default unless set)."""
     if _num_threads is not None:
         return _num_threads
-    return _kernels.max_threads()
+    return min(_kernels.max_threads(), MAX_THREADS)
 
 
 def threads_for(num_elements):
@@ -45,3 +43,15 @@ def threads_for(num_elements):
     if num_elements < PARALLEL_MIN_ELEMENTS or not _kernels.openmp_enabled():
         return 1
     return get_num_threads()
+
+
+def _serial_after_fork():
+    # libgomp's thread pool does not survive fork(): a child that starts a
+    # parallel region hangs. Children of a fork (multiprocessing's default on
+    # Linux) therefore run serial unless they call set_num_threads themselves.
+    global _num_threads
+    _num_threads = 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_serial_after_fork)

@@ -73,17 +73,25 @@ def _train_forward(view, weight, bias, eps, output):
 
 
 def _eval_forward(view, running_mean, running_var, weight, bias, eps, output):
-    """Normalize with given (running) statistics, all float64 vectors."""
-    scale = _scaled(_invstd(running_var, eps), weight)
-    return _normalize(view, running_mean, scale, _shift(bias, view.num_channels), output)
+    """Normalize with given (running) statistics, all float64 vectors.
+    Returns (y, invstd)."""
+    invstd = _invstd(running_var, eps)
+    y = _normalize(view, running_mean, _scaled(invstd, weight),
+                   _shift(bias, view.num_channels), output)
+    return y, invstd
 
 
 def _update_running(running_mean, running_var, mean, var, n, factor):
     """PyTorch's update: running = (1 - factor) * running + factor * batch, with
-    the unbiased variance. Computed in float64, stored in the buffers' dtype."""
-    unbiased = var * (n / (n - 1))
-    new_mean = (1.0 - factor) * running_mean + factor * mean
-    new_var = (1.0 - factor) * running_var + factor * unbiased
+    the unbiased variance. Computed in float64, stored in the buffers' dtype.
+
+    NaN and inf are meant to propagate here, so NumPy's floating-point error
+    settings (e.g. ``np.errstate(invalid="raise")``) must not interrupt the
+    update half-way; both new values exist before either buffer is written.
+    """
+    with np.errstate(all="ignore"):
+        new_mean = (1.0 - factor) * running_mean + factor * mean
+        new_var = (1.0 - factor) * running_var + factor * (var * (n / (n - 1)))
     running_mean[...] = new_mean
     running_var[...] = new_var
 
@@ -172,14 +180,14 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
             )
         mean = _checks.channel_vector(running_mean, num_channels, "running_mean")
         var = _checks.channel_vector(running_var, num_channels, "running_var")
-        output = Output(view, out)
-        return _eval_forward(view, mean, var, weight, bias, eps, output)
+        return _eval_forward(view, mean, var, weight, bias, eps, Output(view, out))[0]
 
     if has_running:
         running_mean = _checks.running_buffer(running_mean, num_channels, "running_mean")
         running_var = _checks.running_buffer(running_var, num_channels, "running_var")
     _check_training_size(view)
-    output = Output(view, out)
+    # The buffers are written after y: out must not overlap them either.
+    output = Output(view, out, other_inputs=(running_mean, running_var) if has_running else ())
     y, mean, var, _ = _train_forward(view, weight, bias, eps, output)
     if has_running and view.size:
         _update_running(running_mean, running_var, mean, var,

@@ -1,6 +1,5 @@
 """The BatchNorm layer: parameters, running statistics and train/eval switching
 around the functional steps, with PyTorch's semantics."""
-import operator
 from collections import namedtuple
 from collections.abc import Mapping
 
@@ -48,7 +47,7 @@ class _ChannelArray:
                 f"cannot be set to {'None' if value is None else 'an array'}"
             )
         array = _checks.channel_vector(value, layer.num_features, self.name,
-                                       dtype=layer.dtype)
+                                       dtype=layer.dtype, copy=False)
         if not array.flags.writeable:  # the layer updates its arrays in place
             array = array.copy()
         setattr(layer, self.slot, array)
@@ -100,12 +99,7 @@ class BatchNorm:
         self.momentum = momentum
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
-        if isinstance(axis, (bool, np.bool_)):
-            raise TypeError("axis must be an integer, got bool")
-        try:
-            self.axis = operator.index(axis)
-        except TypeError:
-            raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
+        self.axis = _checks.integer(axis, "axis")
         self.dtype = _checks.layer_dtype(dtype)
         self.training = True
         shape, dt = (self.num_features,), self.dtype
@@ -163,10 +157,12 @@ class BatchNorm:
         return view
 
     def _params64(self):
+        # Copies: backward must see the weight of its forward even if an
+        # optimizer edits layer.weight in place in between.
         if not self.affine:
             return None, None
-        return (np.asarray(self.weight, dtype=np.float64),
-                np.asarray(self.bias, dtype=np.float64))
+        return (np.array(self.weight, dtype=np.float64),
+                np.array(self.bias, dtype=np.float64))
 
     def forward(self, x):
         """Normalize ``x``; returns a new array of ``x``'s shape and dtype."""
@@ -181,10 +177,10 @@ class BatchNorm:
                     and self.running_mean is not None and view.size):
                 self._track(mean, var, view.values_per_channel)
         else:
-            mean = np.asarray(self.running_mean, dtype=np.float64)
-            invstd = F._invstd(np.asarray(self.running_var, dtype=np.float64), self.eps)
-            y = F._normalize(view, mean, F._scaled(invstd, weight),
-                             F._shift(bias, self.num_features), output)
+            mean = np.array(self.running_mean, dtype=np.float64)
+            y, invstd = F._eval_forward(view, mean,
+                                        np.array(self.running_var, dtype=np.float64),
+                                        weight, bias, self.eps, output)
         self._saved = _Saved(view, mean, invstd, weight, use_batch_stats)
         return y
 
@@ -192,12 +188,11 @@ class BatchNorm:
         return self.forward(x)
 
     def _track(self, mean, var, n):
-        self.num_batches_tracked += 1
-        if self.momentum is None:  # cumulative moving average
-            factor = 1.0 / self.num_batches_tracked
-        else:
-            factor = self.momentum
+        count = self.num_batches_tracked + 1
+        # momentum None: the cumulative moving average
+        factor = 1.0 / count if self.momentum is None else self.momentum
         F._update_running(self.running_mean, self.running_var, mean, var, n, factor)
+        self.num_batches_tracked = count
 
     def backward(self, dy):
         """Gradient of the last forward's output -> gradient of its input.
@@ -261,12 +256,14 @@ class BatchNorm:
             )
         keys = self._state_keys()
         unexpected = [key for key in state_dict if key not in keys]
-        missing = [key for key in keys if key not in state_dict]
-        strict_missing = [key for key in missing if key != "num_batches_tracked"]
-        if strict and (unexpected or strict_missing):
+        # Like PyTorch, a missing batch count keeps the layer's own and is not
+        # reported (checkpoints from before it existed lack it).
+        missing = [key for key in keys
+                   if key not in state_dict and key != "num_batches_tracked"]
+        if strict and (unexpected or missing):
             raise ValueError(
                 f"error loading state_dict into {self!r}: missing keys "
-                f"{strict_missing}, unexpected keys {unexpected}"
+                f"{missing}, unexpected keys {unexpected}"
             )
         staged = {}
         for key in keys:

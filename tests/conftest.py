@@ -19,3 +19,10 @@ def pytest_report_header(config):
 @pytest.fixture
 def rng():
     return np.random.default_rng(20261122)
+
+
+@pytest.fixture
+def restore_threads():
+    """Resets the kernels' thread count to the default after a test."""
+    yield
+    cbn.set_num_threads(None)

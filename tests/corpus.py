@@ -29,6 +29,8 @@ LAYOUTS = SMALL_LAYOUTS + [
     pytest.param((2, 3, 40000), 1, id="NCL-long"),
     pytest.param((300, 700), 1, id="NC-wide"),
     pytest.param((2000, 3), -1, id="NC-tall"),
+    pytest.param((2, 700, 5), 1, id="few-rows-short-runs"),
+    pytest.param((40, 3), 0, id="axis0"),
 ]
 
 DTYPES = [np.float32, np.float64]

@@ -51,9 +51,7 @@ def bad_array(dtype, shape=SHAPE):
 
 
 # ---------------------------------------------------------------------------
-# Layer: snapshot every piece of state
-
-
+# Layer
 
 def prepared_layer(rng, cls=cbn.BatchNorm, shape=SHAPE, training=True, **kwargs):
     """A layer with non-trivial parameters and statistics after a successful
@@ -248,26 +246,6 @@ def test_momentum_none_is_allowed_for_the_layer():
 def test_non_integer_axis_for_the_layer(axis, match):
     with pytest.raises(TypeError, match=match):
         cbn.BatchNorm(3, axis=axis)
-
-
-@pytest.fixture
-def restore_threads():
-    before = cbn.get_num_threads()
-    yield before
-    cbn.set_num_threads(None)
-
-
-@pytest.mark.parametrize("value, exc, match", [
-    (0, ValueError, r"\b0\b"),
-    (-2, ValueError, "-2"),
-    ("2", TypeError, "str"),
-    (1.5, TypeError, "float"),
-    (True, TypeError, "bool"),
-])
-def test_bad_thread_count(restore_threads, value, exc, match):
-    with pytest.raises(exc, match=match):
-        cbn.set_num_threads(value)
-    assert cbn.get_num_threads() == restore_threads
 
 
 # ---------------------------------------------------------------------------

@@ -231,3 +231,50 @@ def test_backward_of_an_empty_batch_is_empty_with_zero_parameter_gradients(shape
     layer(x)
     assert layer.backward(np.empty_like(x)).shape == shape
     np.testing.assert_array_equal(layer.grad_weight, np.zeros(3, np.float32))
+
+
+def test_per_channel_inputs_may_share_memory_with_out(rng):
+    # The kernels get copies of the (C,) vectors, so in eval out may overlap
+    # the running statistics it is computed from.
+    buffer = rng.standard_normal(2 * 3 * 32)
+    running_mean = buffer[:3]
+    x = buffer.reshape(2, 3, 32).copy()
+    expected = reference.batch_norm(x, running_mean.copy(), np.ones(3))
+    out = buffer.reshape(2, 3, 32)
+    cbn.batch_norm(x, running_mean, np.ones(3), out=out)
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_training_out_must_not_overlap_the_running_buffers(rng):
+    buffer = np.zeros(2 * 3 * 32)
+    x = rng.standard_normal((2, 3, 32))
+    with pytest.raises(ValueError, match="overlaps"):
+        cbn.batch_norm(x, buffer[:3], np.ones(3), training=True,
+                       out=buffer.reshape(2, 3, 32))
+    np.testing.assert_array_equal(buffer, 0)
+
+
+@pytest.mark.parametrize("dtype", [np.longdouble, np.int32, np.complex64])
+def test_dy_of_an_unsupported_dtype_is_rejected(rng, dtype):
+    if np.dtype(dtype) == np.float64:
+        pytest.skip("longdouble is float64 on this platform")
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    _, mean, invstd = cbn.batch_norm_forward(x)
+    with pytest.raises(TypeError, match=str(np.dtype(dtype))):
+        cbn.batch_norm_backward(np.ones((4, 3), dtype), x, mean, invstd)
+    layer = cbn.BatchNorm(3)
+    layer(x)
+    with pytest.raises(TypeError, match=str(np.dtype(dtype))):
+        layer.backward(np.ones((4, 3), dtype))
+
+
+def test_numpy_error_settings_do_not_interrupt_the_running_update(rng):
+    layer = cbn.BatchNorm(2, momentum=1.0)
+    x = rng.standard_normal((4, 2)).astype(np.float32)
+    x[0, 1] = np.inf
+    with np.errstate(all="raise"):
+        layer(x)
+        layer(rng.standard_normal((4, 2)).astype(np.float32))
+    assert layer.num_batches_tracked == 2
+    # 0 * inf is NaN, in PyTorch's update formula too: channel 1 stays poisoned.
+    assert np.isfinite(layer.running_mean[0]) and np.isnan(layer.running_mean[1])

@@ -882,3 +882,17 @@ def test_load_state_dict_copies_into_the_layers_own_arrays(rng):
         assert getattr(layer, key) is array, key
         np.testing.assert_array_equal(array, values[key])
     assert layer.num_batches_tracked == 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_uses_the_weight_of_its_forward(rng, dtype):
+    # An optimizer may edit layer.weight in place between forward and backward.
+    x = make_input(rng, (8, 3), 1, np.float64)
+    dy = rng.standard_normal((8, 3))
+    layer = make_layer(3, dtype=dtype, rng=rng)
+    weight = layer.weight.astype(np.float64)
+    layer(x)
+    layer.weight *= 2
+    _, mean, invstd = reference.batch_norm_forward(x)
+    expected = reference.batch_norm_backward(dy, x, mean, invstd, weight)[0]
+    assert_close(layer.backward(dy), expected, np.float64 if dtype == np.float64 else np.float32)

@@ -15,12 +15,6 @@ THREADED_LAYOUTS = [((64, 16, 16, 16), 1), ((4096, 96), 1), ((8, 24, 24, 64), -1
                     ((3, 2, 70000), 1)]
 
 
-@pytest.fixture
-def restore_threads():
-    yield
-    cbn.set_num_threads(None)
-
-
 def run_all_kernels(x, dy, axis, weight, bias):
     num_channels = x.shape[axis]
     y, mean, invstd = cbn.batch_norm_forward(x, weight, bias, axis=axis)
@@ -75,3 +69,40 @@ def test_default_follows_omp_num_threads():
         [sys.executable, "-c", "import cbn; print(cbn.get_num_threads())"],
         env=env, capture_output=True, text=True, check=True, cwd=os.path.dirname(__file__))
     assert out.stdout.strip() == "3"
+
+
+def test_thread_count_above_the_cap_is_rejected(restore_threads):
+    from cbn._threads import MAX_THREADS
+    with pytest.raises(ValueError, match=str(MAX_THREADS)):
+        cbn.set_num_threads(MAX_THREADS + 1)
+
+
+def test_more_threads_than_work_units_gives_the_same_result(rng, restore_threads):
+    x = make_input(rng, (64, 8, 64), 1, np.float32)
+    cbn.set_num_threads(1)
+    serial = cbn.batch_norm_forward(x)[0]
+    cbn.set_num_threads(64)
+    assert cbn.batch_norm_forward(x)[0].tobytes() == serial.tobytes()
+
+
+FORK_CHILD = """
+import multiprocessing as mp, numpy as np, cbn
+x = np.random.default_rng(0).standard_normal((256, 64, 64)).astype(np.float32)
+cbn.set_num_threads(2)
+cbn.batch_norm_forward(x)            # the parent starts its thread pool
+def child(queue):
+    queue.put(float(cbn.batch_norm_forward(x)[0].sum()))
+ctx = mp.get_context("fork")
+queue = ctx.Queue()
+p = ctx.Process(target=child, args=(queue,))
+p.start()
+print(queue.get(timeout=60))
+p.join(60)
+"""
+
+
+def test_a_forked_child_does_not_hang():
+    out = subprocess.run([sys.executable, "-c", FORK_CHILD], capture_output=True,
+                         text=True, timeout=120, cwd=os.path.dirname(__file__))
+    assert out.returncode == 0, out.stderr
+    assert abs(float(out.stdout)) < 1.0   # a normalized batch sums to ~0
