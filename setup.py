@@ -6,8 +6,10 @@ Environment switches (read at build time):
                        (per-channel vectors); the hot loops walk raw pointers,
                        which it does not check (a sanitizer build would).
     CBN_NO_OPENMP=1    build serial even where OpenMP is available.
+    CBN_NO_SIMD=1      build only the baseline kernels (no AVX2/AVX-512 builds).
 """
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -81,20 +83,33 @@ COMPILER_DIRECTIVES = {
 }
 
 omp = openmp_flags()
-# -O3 without -march=native: the wheel must run on any x86-64.
-compile_args = ["-O3"] + omp if sys.platform != "win32" else ["/O2"]
-link_args = [f for f in omp if f != "/openmp"]
+# -O3 without -march=native: the baseline build must run on any CPU of its
+# architecture. -ffp-contract=off keeps the compiler from fusing a*b+c into
+# FMAs in some builds and not others, so every SIMD build gives the same bits.
+if sys.platform == "win32":
+    base_args = ["/O2"]
+else:
+    base_args = ["-O3", "-ffp-contract=off"]
+
+# The same kernels compiled again for wider SIMD; cbn._dispatch picks the
+# widest one the CPU runs (NumPy-style runtime dispatch).
+SIMD_BUILDS = {"_kernels": []}
+if (platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32"
+        and not env_flag("CBN_NO_SIMD")):
+    SIMD_BUILDS["_kernels_avx2"] = ["-mavx2", "-mfma"]
+    SIMD_BUILDS["_kernels_avx512"] = ["-mavx512f", "-mavx512bw", "-mavx512dq",
+                                      "-mavx512vl", "-mprefer-vector-width=512"]
 
 extensions = [
     Extension(
-        "cbn._kernels",
-        sources=["cbn/_kernels.pyx"],
+        f"cbn.{name}",
+        sources=[f"cbn/{name}.pyx"],
         include_dirs=["cbn"],
-        depends=["cbn/_omp_compat.h"],
-        extra_compile_args=compile_args,
-        extra_link_args=link_args,
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-    ),
+        depends=["cbn/_kernels_impl.pxi", "cbn/_omp_compat.h"],
+        extra_compile_args=base_args + simd_args + omp,
+        extra_link_args=[f for f in omp if f != "/openmp"],
+    )
+    for name, simd_args in SIMD_BUILDS.items()
 ]
 
 setup(

@@ -20,8 +20,14 @@ __all__ = [
 
 
 def show_config():
-    """Print how the compiled kernels were built."""
-    from . import _kernels
+    """Print how the compiled kernels were built and which build is in use."""
+    import sysconfig
+
+    from . import _dispatch
+    kernels = _dispatch.kernels
     print(f"cbn {__version__}")
-    print(f"  OpenMP: {'on' if _kernels.openmp_enabled() else 'off (serial build)'}")
+    print(f"  compiler: {sysconfig.get_config_var('CC') or 'unknown'}")
+    print(f"  OpenMP: {'on' if kernels.openmp_enabled() else 'off (serial build)'}")
+    print(f"  SIMD builds compiled: {', '.join(_dispatch.compiled_targets())}")
+    print(f"  SIMD build in use: {kernels.simd_target()}")
     print(f"  threads: {get_num_threads()}")

@@ -1,7 +1,8 @@
 """Thread count used by the compiled kernels."""
 import os
 
-from . import _checks, _kernels
+from . import _checks
+from ._dispatch import kernels
 
 # Below this many elements a kernel runs serial: waking a thread team costs
 # more than the work it would share.
@@ -35,12 +36,12 @@ def get_num_threads():
     """Number of threads the kernels use (OpenMP's default unless set)."""
     if _num_threads is not None:
         return _num_threads
-    return min(_kernels.max_threads(), MAX_THREADS)
+    return min(kernels.max_threads(), MAX_THREADS)
 
 
 def threads_for(num_elements):
     """Thread count for a kernel call touching ``num_elements`` elements."""
-    if num_elements < PARALLEL_MIN_ELEMENTS or not _kernels.openmp_enabled():
+    if num_elements < PARALLEL_MIN_ELEMENTS or not kernels.openmp_enabled():
         return 1
     return get_num_threads()
 

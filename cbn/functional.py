@@ -11,7 +11,8 @@ already lose the accuracy the kernels keep at large means.
 """
 import numpy as np
 
-from . import _checks, _kernels
+from . import _checks
+from ._dispatch import kernels
 from ._layout import Output, channel_view, like_view
 from ._threads import threads_for
 
@@ -30,7 +31,7 @@ def _stats(view):
         mean.fill(np.nan)
         var.fill(np.nan)
     elif num_channels:
-        _kernels.batch_stats(view.data, mean, var, threads_for(view.size))
+        kernels.batch_stats(view.data, mean, var, threads_for(view.size))
     return mean, var
 
 
@@ -41,7 +42,7 @@ def _invstd(var, eps):
 def _normalize(view, mean, scale, shift, output):
     """output <- (x - mean) * scale + shift, per channel."""
     if view.size:
-        _kernels.normalize(view.data, mean, scale, shift, output.kernel_out,
+        kernels.normalize(view.data, mean, scale, shift, output.kernel_out,
                            threads_for(view.size))
     return output.finish()
 
@@ -109,14 +110,14 @@ def _backward(dy, view, mean, invstd, weight, training, output):
     dotp = np.empty(num_channels)
     n = view.values_per_channel
     threads = threads_for(view.size)
-    _kernels.grad_sums(dy, view.data, mean, sum_dy, dotp, threads)
+    kernels.grad_sums(dy, view.data, mean, sum_dy, dotp, threads)
     scale = _scaled(invstd, weight)
     if training:
-        _kernels.grad_input(dy, view.data, mean, sum_dy / n,
+        kernels.grad_input(dy, view.data, mean, sum_dy / n,
                             dotp * invstd * invstd / n, scale,
                             output.kernel_out, threads)
     else:
-        _kernels.normalize(dy, np.zeros(num_channels), scale,
+        kernels.normalize(dy, np.zeros(num_channels), scale,
                            np.zeros(num_channels), output.kernel_out, threads)
     return output.finish(), dotp * invstd, sum_dy
 

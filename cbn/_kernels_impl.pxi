@@ -1,0 +1,547 @@
+# Compiled batch-normalization kernels: the code every SIMD build of
+# cbn._kernels* shares (included by _kernels.pyx, _kernels_avx2.pyx, ...).
+#
+# Design: the Python layer hands every layout over as a C-contiguous
+# ``(outer, C, inner)`` view of float32 or float64 data, already validated, plus
+# per-channel parameters in float64. These kernels only loop; they never raise
+# on data and never touch the GIL inside a loop.
+#
+# Two walks over that view:
+#
+# * planar (``inner >= PLANAR_MIN_INNER``, e.g. NCHW, or too few rows for the
+#   interleaved walk): a channel's data is ``outer`` contiguous runs of
+#   ``inner`` elements; work is split into units of (channel, range of outer).
+# * interleaved (short ``inner`` and at least ``MIN_CHUNK_ROWS`` rows, e.g.
+#   (N, C) or NHWC): the view is read as rows of ``W = C * inner`` columns; work
+#   is split into units of (range of rows, tile of columns) and the inner loops
+#   run along a row, vectorizable. Its per-column scratch (partials, expanded
+#   parameters) is bounded by a small fraction of x because it needs many rows.
+#
+# Determinism: the split into units depends only on the shape, each unit writes
+# its own partial results, and partials are merged in a fixed order after the
+# parallel region. Results are therefore bit-identical for any thread count.
+#
+# Accuracy: statistics accumulate in double. Each block of at most ``BLOCK``
+# elements is reduced two-pass (mean, then squared deviations from that mean)
+# while it sits in L1, and blocks are combined with Chan et al.'s pairwise
+# update, so a huge mean relative to the spread does not cancel. Elementwise
+# kernels subtract the mean in double before scaling.
+
+
+from cython cimport floating
+from cython.parallel cimport parallel, prange, threadid
+from libc.stdlib cimport free, malloc
+
+
+cdef extern from "_omp_compat.h" nogil:
+    int cbn_openmp_enabled()
+    int cbn_max_threads()
+
+
+cdef enum:
+    PLANAR_MIN_INNER = 32  # runs at least this long are walked one by one
+    BLOCK = 2048           # elements reduced two-pass while in L1
+    ROW_BLOCK = 16384      # the same for a block of rows of a column tile (L2)
+    UNIT_ELEMS = 65536     # target elements per parallel work unit
+    TILE_COLS = 512        # columns per interleaved work unit
+    MIN_CHUNK_ROWS = 64    # interleaved units span at least this many rows
+    MAX_ROW_CHUNKS = 64    # bounds the number of per-column partials
+    LANES = 16             # independent accumulators in contiguous reductions
+
+
+def simd_target():
+    """The instruction set this build of the kernels was compiled for."""
+    return SIMD_TARGET
+
+
+def openmp_enabled():
+    """True when the extension was compiled with OpenMP."""
+    return bool(cbn_openmp_enabled())
+
+
+def max_threads():
+    """OpenMP's default team size (honours OMP_NUM_THREADS); 1 without OpenMP."""
+    return cbn_max_threads()
+
+
+# ---------------------------------------------------------------------------
+# Work partition (shape only, never the thread count)
+
+cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+cdef inline bint planar_walk(Py_ssize_t outer, Py_ssize_t inner) noexcept nogil:
+    """Which walk a view takes; every kernel must agree on it."""
+    return inner >= PLANAR_MIN_INNER or outer < MIN_CHUNK_ROWS
+
+
+cdef inline int team_size(int num_threads, Py_ssize_t n_units) noexcept nogil:
+    """Never more threads than units of work (and at least one)."""
+    if n_units < num_threads:
+        return <int>max(n_units, <Py_ssize_t>1)
+    return max(num_threads, 1)
+
+
+cdef inline Py_ssize_t planar_outer_per_unit(Py_ssize_t inner) noexcept nogil:
+    return max(<Py_ssize_t>1, UNIT_ELEMS // inner)
+
+
+cdef inline Py_ssize_t interleaved_rows_per_chunk(Py_ssize_t rows,
+                                                  Py_ssize_t cols) noexcept nogil:
+    cdef Py_ssize_t width = min(cols, <Py_ssize_t>TILE_COLS)
+    cdef Py_ssize_t r = max(<Py_ssize_t>MIN_CHUNK_ROWS, ceil_div(UNIT_ELEMS, width))
+    return max(r, ceil_div(rows, MAX_ROW_CHUNKS))
+
+
+cdef void* checked_malloc(size_t nbytes) except NULL:
+    cdef void* p = malloc(nbytes if nbytes > 0 else 1)
+    if p == NULL:
+        raise MemoryError(f"cbn: cannot allocate {nbytes} bytes of scratch space")
+    return p
+
+
+# ---------------------------------------------------------------------------
+# Scalar helpers
+
+cdef inline void chan_merge(double* n_a, double* mean_a, double* m2_a,
+                            double n_b, double mean_b, double m2_b) noexcept nogil:
+    """Fold the statistics (n_b, mean_b, m2_b) of one block into (n_a, mean_a, m2_a).
+
+    Chan, Golub & LeVeque (1979): m2 = m2_a + m2_b + delta^2 * n_a * n_b / n.
+    """
+    cdef double n, delta
+    if n_b == 0:
+        return
+    if n_a[0] == 0:
+        n_a[0] = n_b
+        mean_a[0] = mean_b
+        m2_a[0] = m2_b
+        return
+    n = n_a[0] + n_b
+    delta = mean_b - mean_a[0]
+    mean_a[0] = mean_a[0] + delta * (n_b / n)
+    m2_a[0] = m2_a[0] + m2_b + delta * delta * (n_a[0] * n_b / n)
+    n_a[0] = n
+
+
+cdef inline double sum_lanes(const double* acc) noexcept nogil:
+    """Pairwise sum of LANES accumulators, in a fixed order."""
+    cdef double half[LANES]  # the first LANES / 2 are used
+    cdef Py_ssize_t k, width = LANES // 2
+    for k in range(width):
+        half[k] = acc[k] + acc[k + width]
+    while width > 1:
+        width //= 2
+        for k in range(width):
+            half[k] = half[k] + half[k + width]
+    return half[0]
+
+
+cdef inline void run_two_pass(const floating* x, Py_ssize_t n,
+                              double* mean, double* m2) noexcept nogil:
+    """Mean and sum of squared deviations of a short contiguous run (n >= 1)."""
+    # LANES independent accumulators: the compiler maps them onto SIMD
+    # registers of any width without reassociating, so every build and thread
+    # count sums in the same order.
+    cdef double acc[LANES]
+    cdef double mu, d
+    cdef Py_ssize_t i, k, n_full = n - n % LANES
+    for k in range(LANES):
+        acc[k] = 0
+    for i in range(0, n_full // LANES):
+        for k in range(LANES):
+            acc[k] += x[i * LANES + k]
+    for i in range(n_full, n):
+        acc[i - n_full] += x[i]
+    mu = sum_lanes(acc) / n
+    for k in range(LANES):
+        acc[k] = 0
+    for i in range(0, n_full // LANES):
+        for k in range(LANES):
+            d = x[i * LANES + k] - mu
+            acc[k] += d * d
+    for i in range(n_full, n):
+        d = x[i] - mu
+        acc[i - n_full] += d * d
+    mean[0] = mu
+    m2[0] = sum_lanes(acc)
+
+
+# ---------------------------------------------------------------------------
+# 1. Batch statistics: per-channel mean and biased variance
+
+cdef void planar_stats_unit(const floating* x, Py_ssize_t C, Py_ssize_t inner,
+                            Py_ssize_t c, Py_ssize_t o_start, Py_ssize_t o_stop,
+                            double* mean_out,      # OUT
+                            double* m2_out         # OUT
+                            ) noexcept nogil:
+    cdef double n = 0, mean = 0, m2 = 0, block_mean, block_m2
+    cdef Py_ssize_t o, start, length
+    cdef const floating* run
+    for o in range(o_start, o_stop):
+        run = x + (o * C + c) * inner
+        start = 0
+        while start < inner:
+            length = min(<Py_ssize_t>BLOCK, inner - start)
+            run_two_pass(run + start, length, &block_mean, &block_m2)
+            chan_merge(&n, &mean, &m2, <double>length, block_mean, block_m2)
+            start += length
+    mean_out[0] = mean
+    m2_out[0] = m2
+
+
+cdef void interleaved_stats_unit(const floating* x, Py_ssize_t W,
+                                 Py_ssize_t r_start, Py_ssize_t r_stop,
+                                 Py_ssize_t j_start, Py_ssize_t j_stop,
+                                 double* block_mean,   # scratch, >= tile width
+                                 double* block_m2,     # scratch, >= tile width
+                                 double* mean_out,     # OUT, columns j_start:j_stop
+                                 double* m2_out        # OUT, columns j_start:j_stop
+                                 ) noexcept nogil:
+    cdef Py_ssize_t width = j_stop - j_start
+    cdef Py_ssize_t rows_per_block = max(<Py_ssize_t>1, ROW_BLOCK // width)
+    cdef Py_ssize_t rb, r, j, nb
+    cdef double n_acc = 0, total, delta, d
+    cdef const floating* row
+    for j in range(width):
+        mean_out[j] = 0
+        m2_out[j] = 0
+    rb = r_start
+    while rb < r_stop:
+        nb = min(rows_per_block, r_stop - rb)
+        for j in range(width):
+            block_mean[j] = 0
+            block_m2[j] = 0
+        for r in range(rb, rb + nb):
+            row = x + r * W + j_start
+            for j in range(width):
+                block_mean[j] += row[j]
+        for j in range(width):
+            block_mean[j] /= nb
+        for r in range(rb, rb + nb):
+            row = x + r * W + j_start
+            for j in range(width):
+                d = row[j] - block_mean[j]
+                block_m2[j] += d * d
+        # Chan merge of this block into the unit's running columns; every
+        # column shares the counts, so the loop stays branch-free.
+        total = n_acc + nb
+        for j in range(width):
+            delta = block_mean[j] - mean_out[j]
+            mean_out[j] = mean_out[j] + delta * (nb / total)
+            m2_out[j] = m2_out[j] + block_m2[j] + delta * delta * (n_acc * nb / total)
+        n_acc = total
+        rb += nb
+
+
+def batch_stats(const floating[:, :, ::1] x,
+                double[::1] mean,      # OUT (C,)
+                double[::1] var,       # OUT (C,), biased
+                int num_threads):
+    """Per-channel mean and biased variance of a non-empty (outer, C, inner) view."""
+    cdef Py_ssize_t outer = x.shape[0], C = x.shape[1], inner = x.shape[2]
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef double* part_mean = NULL
+    cdef double* part_m2 = NULL
+    cdef double* scratch = NULL
+    cdef Py_ssize_t per_unit, n_chunks, n_units, u, c, k, o_start, o_stop
+    cdef Py_ssize_t W, rows_per_chunk, n_tiles, j, i, j_start, j_stop
+    cdef double n, m, m2, n_part, total = <double>outer * inner
+    try:
+        if planar_walk(outer, inner):
+            per_unit = planar_outer_per_unit(inner)
+            n_chunks = ceil_div(outer, per_unit)
+            n_units = C * n_chunks
+            part_mean = <double*>checked_malloc(n_units * sizeof(double))
+            part_m2 = <double*>checked_malloc(n_units * sizeof(double))
+            with nogil:
+                for u in prange(n_units, schedule='static',
+                                num_threads=team_size(num_threads, n_units)):
+                    c = u // n_chunks
+                    k = u % n_chunks
+                    o_start = k * per_unit
+                    o_stop = min(outer, o_start + per_unit)
+                    planar_stats_unit(xp, C, inner, c, o_start, o_stop,
+                                      &part_mean[u], &part_m2[u])
+                for c in range(C):
+                    n = 0
+                    m = 0
+                    m2 = 0
+                    for k in range(n_chunks):
+                        n_part = <double>(min(outer, (k + 1) * per_unit) - k * per_unit) * inner
+                        chan_merge(&n, &m, &m2, n_part,
+                                   part_mean[c * n_chunks + k], part_m2[c * n_chunks + k])
+                    mean[c] = m
+                    var[c] = m2 / total
+        else:
+            W = C * inner
+            rows_per_chunk = interleaved_rows_per_chunk(outer, W)
+            n_chunks = ceil_div(outer, rows_per_chunk)
+            n_tiles = ceil_div(W, TILE_COLS)
+            n_units = n_chunks * n_tiles
+            part_mean = <double*>checked_malloc(n_chunks * W * sizeof(double))
+            part_m2 = <double*>checked_malloc(n_chunks * W * sizeof(double))
+            num_threads = team_size(num_threads, n_units)
+            scratch = <double*>checked_malloc(
+                <size_t>num_threads * 2 * TILE_COLS * sizeof(double))
+            with nogil, parallel(num_threads=num_threads):
+                for u in prange(n_units, schedule='static'):
+                    k = u // n_tiles
+                    j_start = (u % n_tiles) * TILE_COLS
+                    j_stop = min(W, j_start + TILE_COLS)
+                    interleaved_stats_unit(
+                        xp, W, k * rows_per_chunk, min(outer, (k + 1) * rows_per_chunk),
+                        j_start, j_stop,
+                        scratch + threadid() * 2 * TILE_COLS,
+                        scratch + threadid() * 2 * TILE_COLS + TILE_COLS,
+                        part_mean + k * W + j_start, part_m2 + k * W + j_start)
+            with nogil:
+                for c in range(C):
+                    n = 0
+                    m = 0
+                    m2 = 0
+                    for i in range(inner):
+                        j = c * inner + i
+                        for k in range(n_chunks):
+                            n_part = <double>(min(outer, (k + 1) * rows_per_chunk)
+                                              - k * rows_per_chunk)
+                            chan_merge(&n, &m, &m2, n_part,
+                                       part_mean[k * W + j], part_m2[k * W + j])
+                    mean[c] = m
+                    var[c] = m2 / total
+    finally:
+        free(part_mean)
+        free(part_m2)
+        free(scratch)
+
+
+# ---------------------------------------------------------------------------
+# 2./3. Normalize with per-channel parameters: y = (x - mean) * scale + shift
+# Training passes the batch mean and scale = invstd * weight; inference passes
+# the running mean and scale = weight / sqrt(running_var + eps).
+
+cdef inline void expand_to_columns(const double* per_channel, Py_ssize_t C,
+                                   Py_ssize_t inner,
+                                   double* per_column     # OUT (C * inner,)
+                                   ) noexcept nogil:
+    cdef Py_ssize_t c, i
+    for c in range(C):
+        for i in range(inner):
+            per_column[c * inner + i] = per_channel[c]
+
+
+def normalize(const floating[:, :, ::1] x,
+              const double[::1] mean,
+              const double[::1] scale,
+              const double[::1] shift,
+              floating[:, :, ::1] out,     # OUT, may be x itself
+              int num_threads):
+    cdef Py_ssize_t outer = x.shape[0], C = x.shape[1], inner = x.shape[2]
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef floating* yp = &out[0, 0, 0]
+    cdef Py_ssize_t seg, i, r, j, k, W, rows_per_chunk, n_chunks
+    cdef double m, s, b
+    cdef double* cols = NULL
+    cdef const floating* xrun
+    cdef floating* yrun
+    if planar_walk(outer, inner):
+        with nogil:
+            for seg in prange(outer * C, schedule='static',
+                              num_threads=team_size(num_threads, outer * C)):
+                m = mean[seg % C]
+                s = scale[seg % C]
+                b = shift[seg % C]
+                xrun = xp + seg * inner
+                yrun = yp + seg * inner
+                for i in range(inner):
+                    yrun[i] = <floating>((xrun[i] - m) * s + b)
+        return
+    W = C * inner
+    cols = <double*>checked_malloc(3 * W * sizeof(double))
+    try:
+        with nogil:
+            expand_to_columns(&mean[0], C, inner, cols)
+            expand_to_columns(&scale[0], C, inner, cols + W)
+            expand_to_columns(&shift[0], C, inner, cols + 2 * W)
+            rows_per_chunk = max(<Py_ssize_t>1, UNIT_ELEMS // W)
+            n_chunks = ceil_div(outer, rows_per_chunk)
+            for k in prange(n_chunks, schedule='static',
+                            num_threads=team_size(num_threads, n_chunks)):
+                for r in range(k * rows_per_chunk, min(outer, (k + 1) * rows_per_chunk)):
+                    xrun = xp + r * W
+                    yrun = yp + r * W
+                    for j in range(W):
+                        yrun[j] = <floating>((xrun[j] - cols[j]) * cols[W + j] + cols[2 * W + j])
+    finally:
+        free(cols)
+
+
+# ---------------------------------------------------------------------------
+# 4. Backward: per-channel sums, then the input gradient
+
+cdef void planar_grad_sums_unit(const floating* dy, const floating* x,
+                                Py_ssize_t C, Py_ssize_t inner, Py_ssize_t c,
+                                Py_ssize_t o_start, Py_ssize_t o_stop, double mean,
+                                double* sum_dy_out,    # OUT
+                                double* dotp_out       # OUT
+                                ) noexcept nogil:
+    cdef double acc_dy[LANES]
+    cdef double acc_p[LANES]
+    cdef Py_ssize_t o, i, k, offset, n_full = inner - inner % LANES
+    for k in range(LANES):
+        acc_dy[k] = 0
+        acc_p[k] = 0
+    for o in range(o_start, o_stop):
+        offset = (o * C + c) * inner
+        for i in range(n_full // LANES):
+            for k in range(LANES):
+                acc_dy[k] += dy[offset + i * LANES + k]
+                acc_p[k] += (x[offset + i * LANES + k] - mean) * dy[offset + i * LANES + k]
+        for i in range(offset + n_full, offset + inner):
+            acc_dy[i - offset - n_full] += dy[i]
+            acc_p[i - offset - n_full] += (x[i] - mean) * dy[i]
+    sum_dy_out[0] = sum_lanes(acc_dy)
+    dotp_out[0] = sum_lanes(acc_p)
+
+
+cdef void interleaved_grad_sums_unit(const floating* dy, const floating* x,
+                                     Py_ssize_t W, const double* mean_cols,
+                                     Py_ssize_t r_start, Py_ssize_t r_stop,
+                                     Py_ssize_t j_start, Py_ssize_t j_stop,
+                                     double* sum_dy_out,   # OUT, columns j_start:j_stop
+                                     double* dotp_out      # OUT, columns j_start:j_stop
+                                     ) noexcept nogil:
+    cdef Py_ssize_t r, j, width = j_stop - j_start, offset
+    for j in range(width):
+        sum_dy_out[j] = 0
+        dotp_out[j] = 0
+    for r in range(r_start, r_stop):
+        offset = r * W + j_start
+        for j in range(width):
+            sum_dy_out[j] += dy[offset + j]
+            dotp_out[j] += (x[offset + j] - mean_cols[j_start + j]) * dy[offset + j]
+
+
+def grad_sums(const floating[:, :, ::1] dy,
+              const floating[:, :, ::1] x,
+              const double[::1] mean,
+              double[::1] sum_dy,     # OUT (C,): sum of dy
+              double[::1] dotp,       # OUT (C,): sum of (x - mean) * dy
+              int num_threads):
+    cdef Py_ssize_t outer = x.shape[0], C = x.shape[1], inner = x.shape[2]
+    cdef const floating* dyp = &dy[0, 0, 0]
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef double* part_s = NULL
+    cdef double* part_p = NULL
+    cdef double* mean_cols = NULL
+    cdef Py_ssize_t per_unit, n_chunks, n_units, u, c, k, i, j, j_start, W
+    cdef Py_ssize_t rows_per_chunk, n_tiles
+    cdef double s, p
+    try:
+        if planar_walk(outer, inner):
+            per_unit = planar_outer_per_unit(inner)
+            n_chunks = ceil_div(outer, per_unit)
+            n_units = C * n_chunks
+            part_s = <double*>checked_malloc(n_units * sizeof(double))
+            part_p = <double*>checked_malloc(n_units * sizeof(double))
+            with nogil:
+                for u in prange(n_units, schedule='static',
+                                num_threads=team_size(num_threads, n_units)):
+                    c = u // n_chunks
+                    k = u % n_chunks
+                    planar_grad_sums_unit(dyp, xp, C, inner, c, k * per_unit,
+                                          min(outer, (k + 1) * per_unit), mean[c],
+                                          &part_s[u], &part_p[u])
+                for c in range(C):
+                    s = 0
+                    p = 0
+                    for k in range(n_chunks):
+                        s = s + part_s[c * n_chunks + k]
+                        p = p + part_p[c * n_chunks + k]
+                    sum_dy[c] = s
+                    dotp[c] = p
+        else:
+            W = C * inner
+            rows_per_chunk = interleaved_rows_per_chunk(outer, W)
+            n_chunks = ceil_div(outer, rows_per_chunk)
+            n_tiles = ceil_div(W, TILE_COLS)
+            n_units = n_chunks * n_tiles
+            part_s = <double*>checked_malloc(n_chunks * W * sizeof(double))
+            part_p = <double*>checked_malloc(n_chunks * W * sizeof(double))
+            mean_cols = <double*>checked_malloc(W * sizeof(double))
+            with nogil:
+                expand_to_columns(&mean[0], C, inner, mean_cols)
+                for u in prange(n_units, schedule='static',
+                                num_threads=team_size(num_threads, n_units)):
+                    k = u // n_tiles
+                    j_start = (u % n_tiles) * TILE_COLS
+                    interleaved_grad_sums_unit(
+                        dyp, xp, W, mean_cols,
+                        k * rows_per_chunk, min(outer, (k + 1) * rows_per_chunk),
+                        j_start, min(W, j_start + TILE_COLS),
+                        part_s + k * W + j_start, part_p + k * W + j_start)
+                for c in range(C):
+                    s = 0
+                    p = 0
+                    for i in range(inner):
+                        j = c * inner + i
+                        for k in range(n_chunks):
+                            s = s + part_s[k * W + j]
+                            p = p + part_p[k * W + j]
+                    sum_dy[c] = s
+                    dotp[c] = p
+    finally:
+        free(part_s)
+        free(part_p)
+        free(mean_cols)
+
+
+def grad_input(const floating[:, :, ::1] dy,
+               const floating[:, :, ::1] x,
+               const double[::1] mean,
+               const double[::1] mean_dy,   # sum_dy / n
+               const double[::1] proj,      # dotp * invstd^2 / n
+               const double[::1] scale,     # invstd * weight
+               floating[:, :, ::1] dx,      # OUT, may be dy itself
+               int num_threads):
+    """Training-mode input gradient: dx = (dy - mean_dy - (x - mean) * proj) * scale."""
+    cdef Py_ssize_t outer = x.shape[0], C = x.shape[1], inner = x.shape[2]
+    cdef const floating* dyp = &dy[0, 0, 0]
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef floating* dxp = &dx[0, 0, 0]
+    cdef Py_ssize_t seg, i, r, j, k, W, rows_per_chunk, n_chunks, offset
+    cdef double m, mdy, q, s
+    cdef double* cols = NULL
+    if planar_walk(outer, inner):
+        with nogil:
+            for seg in prange(outer * C, schedule='static',
+                              num_threads=team_size(num_threads, outer * C)):
+                m = mean[seg % C]
+                mdy = mean_dy[seg % C]
+                q = proj[seg % C]
+                s = scale[seg % C]
+                offset = seg * inner
+                for i in range(offset, offset + inner):
+                    dxp[i] = <floating>((dyp[i] - mdy - (xp[i] - m) * q) * s)
+        return
+    W = C * inner
+    cols = <double*>checked_malloc(4 * W * sizeof(double))
+    try:
+        with nogil:
+            expand_to_columns(&mean[0], C, inner, cols)
+            expand_to_columns(&mean_dy[0], C, inner, cols + W)
+            expand_to_columns(&proj[0], C, inner, cols + 2 * W)
+            expand_to_columns(&scale[0], C, inner, cols + 3 * W)
+            rows_per_chunk = max(<Py_ssize_t>1, UNIT_ELEMS // W)
+            n_chunks = ceil_div(outer, rows_per_chunk)
+            for k in prange(n_chunks, schedule='static',
+                            num_threads=team_size(num_threads, n_chunks)):
+                for r in range(k * rows_per_chunk, min(outer, (k + 1) * rows_per_chunk)):
+                    offset = r * W
+                    for j in range(W):
+                        dxp[offset + j] = <floating>(
+                            (dyp[offset + j] - cols[W + j]
+                             - (xp[offset + j] - cols[j]) * cols[2 * W + j]) * cols[3 * W + j])
+    finally:
+        free(cols)

@@ -1,0 +1,79 @@
+"""The SIMD builds of the kernels compute the same bits, and dispatch works."""
+import importlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cbn
+from cbn import _dispatch
+from cbn._layout import channel_view, like_view
+
+from corpus import make_input
+
+USABLE = [t for t in _dispatch.compiled_targets() if _dispatch._usable(t)]
+LAYOUTS = [((4096, 96), 1), ((64, 16, 16, 16), 1), ((8, 24, 24, 64), -1),
+           ((3, 2, 70000), 1), ((7, 5, 3), 1), ((300, 33), 1), ((5, 3, 31), 1)]
+
+
+def all_kernel_results(kernels, x, dy, axis):
+    view = channel_view(x, axis)
+    dy = like_view(dy, view, "dy")
+    num_channels = view.num_channels
+    mean, var = np.empty(num_channels), np.empty(num_channels)
+    kernels.batch_stats(view.data, mean, var, 2)
+    y = np.empty_like(view.data)
+    kernels.normalize(view.data, mean, 1 / np.sqrt(var + 1e-5),
+                      np.full(num_channels, 0.5), y, 2)
+    sum_dy, dotp = np.empty(num_channels), np.empty(num_channels)
+    kernels.grad_sums(dy, view.data, mean, sum_dy, dotp, 2)
+    dx = np.empty_like(view.data)
+    kernels.grad_input(dy, view.data, mean, sum_dy / 7, dotp / 9,
+                       np.full(num_channels, 1.3), dx, 2)
+    return [mean, var, y, sum_dy, dotp, dx]
+
+
+def test_the_baseline_build_is_always_there():
+    assert "baseline" in _dispatch.compiled_targets()
+    assert _dispatch.kernels.simd_target() in USABLE
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, axis", LAYOUTS)
+def test_every_usable_build_gives_identical_bits(rng, shape, axis, dtype):
+    if len(USABLE) < 2:
+        pytest.skip("only one SIMD build runs on this CPU")
+    x = make_input(rng, shape, axis, dtype, offset=100.0)
+    dy = rng.standard_normal(shape).astype(dtype)
+    results = {target: all_kernel_results(importlib.import_module(_dispatch.BUILDS[target]),
+                                          x, dy, axis)
+               for target in USABLE}
+    baseline = results["baseline"]
+    for target, arrays in results.items():
+        for got, expected in zip(arrays, baseline):
+            assert got.tobytes() == expected.tobytes(), target
+
+
+@pytest.mark.parametrize("target", USABLE)
+def test_cbn_simd_forces_a_build(target):
+    out = subprocess.run(
+        [sys.executable, "-c", "from cbn import _dispatch; print(_dispatch.kernels.simd_target())"],
+        env=dict(os.environ, CBN_SIMD=target), capture_output=True, text=True,
+        cwd=os.path.dirname(__file__))
+    assert out.stdout.strip() == target, out.stderr
+
+
+def test_cbn_simd_rejects_unknown_builds():
+    out = subprocess.run([sys.executable, "-c", "import cbn"],
+                         env=dict(os.environ, CBN_SIMD="sse9"), capture_output=True,
+                         text=True, cwd=os.path.dirname(__file__))
+    assert out.returncode != 0 and "sse9" in out.stderr
+
+
+def test_show_config_names_the_build_in_use(capsys):
+    cbn.show_config()
+    printed = capsys.readouterr().out
+    assert f"SIMD build in use: {_dispatch.kernels.simd_target()}" in printed
+    assert "OpenMP" in printed
