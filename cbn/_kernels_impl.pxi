@@ -30,6 +30,7 @@
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
+from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 
@@ -375,6 +376,59 @@ def normalize(const floating[:, :, ::1] x,
                         yrun[j] = <floating>((xrun[j] - cols[j]) * cols[W + j] + cols[2 * W + j])
     finally:
         free(cols)
+
+
+# ---------------------------------------------------------------------------
+# 1+2 fused: training forward with each channel's data still in cache
+
+cdef enum:
+    FUSED_MAX_BYTES = 1 << 20  # a channel this small stays in L2 between passes
+
+
+def fuses_training_forward(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                           Py_ssize_t itemsize):
+    """Whether train_forward_fused handles this shape (planar walk, a channel
+    fits in L2, and enough channels to share among threads)."""
+    return (planar_walk(outer, inner) and C >= 2
+            and outer * inner * itemsize <= FUSED_MAX_BYTES)
+
+
+def train_forward_fused(const floating[:, :, ::1] x,
+                        const double[::1] weight,
+                        const double[::1] bias,
+                        double eps,
+                        double[::1] mean,      # OUT (C,)
+                        double[::1] var,       # OUT (C,), biased
+                        double[::1] invstd,    # OUT (C,)
+                        floating[:, :, ::1] out,   # OUT, may be x itself
+                        int num_threads):
+    """Statistics and normalization channel by channel, so that each channel is
+    read from memory once and re-read from cache. Only for shapes where
+    fuses_training_forward() is true."""
+    cdef Py_ssize_t outer = x.shape[0], C = x.shape[1], inner = x.shape[2]
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef floating* yp = &out[0, 0, 0]
+    cdef Py_ssize_t c, o, i
+    cdef double m, v, inv, s, b
+    cdef const floating* xrun
+    cdef floating* yrun
+    with nogil:
+        for c in prange(C, schedule='static', num_threads=team_size(num_threads, C)):
+            # Outputs go straight to this channel's slots: a local whose
+            # address is taken would be shared between threads by prange.
+            planar_stats_unit(xp, C, inner, c, 0, outer, &mean[c], &var[c])
+            m = mean[c]
+            v = var[c] / (<double>outer * inner)
+            inv = 1.0 / sqrt(v + eps)
+            var[c] = v
+            invstd[c] = inv
+            s = inv * weight[c]
+            b = bias[c]
+            for o in range(outer):
+                xrun = xp + (o * C + c) * inner
+                yrun = yp + (o * C + c) * inner
+                for i in range(inner):
+                    yrun[i] = <floating>((xrun[i] - m) * s + b)
 
 
 # ---------------------------------------------------------------------------

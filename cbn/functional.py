@@ -66,10 +66,19 @@ def _check_training_size(view):
 
 def _train_forward(view, weight, bias, eps, output):
     """Normalize with batch statistics; returns (y, mean, var, invstd) in float64."""
+    outer, num_channels, inner = view.data.shape
+    if view.size and kernels.fuses_training_forward(outer, num_channels, inner,
+                                                    view.data.itemsize):
+        mean, var, invstd = (np.empty(num_channels) for _ in range(3))
+        kernels.train_forward_fused(
+            view.data, np.ones(num_channels) if weight is None else weight,
+            _shift(bias, num_channels), eps, mean, var, invstd,
+            output.kernel_out, threads_for(view.size))
+        return output.finish(), mean, var, invstd
     mean, var = _stats(view)
     invstd = _invstd(var, eps)
     y = _normalize(view, mean, _scaled(invstd, weight),
-                   _shift(bias, view.num_channels), output)
+                   _shift(bias, num_channels), output)
     return y, mean, var, invstd
 
 
