@@ -8,14 +8,14 @@
 #
 # Two walks over that view:
 #
-# * planar (``inner >= PLANAR_MIN_INNER``, e.g. NCHW, or too few rows for the
-#   interleaved walk): a channel's data is ``outer`` contiguous runs of
-#   ``inner`` elements; work is split into units of (channel, range of outer).
-# * interleaved (short ``inner`` and at least ``MIN_CHUNK_ROWS`` rows, e.g.
-#   (N, C) or NHWC): the view is read as rows of ``W = C * inner`` columns; work
-#   is split into units of (range of rows, tile of columns) and the inner loops
-#   run along a row, vectorizable. Its per-column scratch (partials, expanded
-#   parameters) is bounded by a small fraction of x because it needs many rows.
+# * planar (``inner >= PLANAR_MIN_INNER``, e.g. NCHW, or a few very wide rows):
+#   a channel's data is ``outer`` contiguous runs of ``inner`` elements; work
+#   is split into units of (channel, range of outer).
+# * interleaved (short ``inner``, e.g. (N, C) or NHWC): the view is read as
+#   rows of ``W = C * inner`` columns; work is split into units of (range of
+#   rows, tile of columns) and the inner loops run along a row, vectorizable.
+#   Its per-column scratch (partials, expanded parameters) is at most
+#   UNIT_ELEMS columns' worth or a small fraction of x.
 #
 # Determinism: the split into units depends only on the shape, each unit writes
 # its own partial results, and partials are merged in a fixed order after the
@@ -72,9 +72,16 @@ cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
-cdef inline bint planar_walk(Py_ssize_t outer, Py_ssize_t inner) noexcept nogil:
-    """Which walk a view takes; every kernel must agree on it."""
-    return inner >= PLANAR_MIN_INNER or outer < MIN_CHUNK_ROWS
+cdef inline bint planar_walk(Py_ssize_t outer, Py_ssize_t C,
+                             Py_ssize_t inner) noexcept nogil:
+    """Which walk a view takes; every kernel must agree on it.
+
+    Short runs go interleaved, unless the rows are few and wide: per-column
+    scratch would then outgrow x itself (e.g. (2, 10**6, 16)).
+    """
+    if inner >= PLANAR_MIN_INNER:
+        return True
+    return outer < MIN_CHUNK_ROWS and C * inner > UNIT_ELEMS
 
 
 cdef inline int team_size(int num_threads, Py_ssize_t n_units) noexcept nogil:
@@ -250,7 +257,7 @@ def batch_stats(const floating[:, :, ::1] x,
     cdef Py_ssize_t W, rows_per_chunk, n_tiles, j, i, j_start, j_stop
     cdef double n, m, m2, n_part, total = <double>outer * inner
     try:
-        if planar_walk(outer, inner):
+        if planar_walk(outer, C, inner):
             per_unit = planar_outer_per_unit(inner)
             n_chunks = ceil_div(outer, per_unit)
             n_units = C * n_chunks
@@ -346,7 +353,7 @@ def normalize(const floating[:, :, ::1] x,
     cdef double* cols = NULL
     cdef const floating* xrun
     cdef floating* yrun
-    if planar_walk(outer, inner):
+    if planar_walk(outer, C, inner):
         with nogil:
             for seg in prange(outer * C, schedule='static',
                               num_threads=team_size(num_threads, outer * C)):
@@ -389,7 +396,7 @@ def fuses_training_forward(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
                            Py_ssize_t itemsize):
     """Whether train_forward_fused handles this shape (planar walk, a channel
     fits in L2, and enough channels to share among threads)."""
-    return (planar_walk(outer, inner) and C >= 2
+    return (planar_walk(outer, C, inner) and C >= 2
             and outer * inner * itemsize <= FUSED_MAX_BYTES)
 
 
@@ -493,7 +500,7 @@ def grad_sums(const floating[:, :, ::1] dy,
     cdef Py_ssize_t rows_per_chunk, n_tiles
     cdef double s, p
     try:
-        if planar_walk(outer, inner):
+        if planar_walk(outer, C, inner):
             per_unit = planar_outer_per_unit(inner)
             n_chunks = ceil_div(outer, per_unit)
             n_units = C * n_chunks
@@ -567,7 +574,7 @@ def grad_input(const floating[:, :, ::1] dy,
     cdef Py_ssize_t seg, i, r, j, k, W, rows_per_chunk, n_chunks, offset
     cdef double m, mdy, q, s
     cdef double* cols = NULL
-    if planar_walk(outer, inner):
+    if planar_walk(outer, C, inner):
         with nogil:
             for seg in prange(outer * C, schedule='static',
                               num_threads=team_size(num_threads, outer * C)):

@@ -6,6 +6,8 @@ channel axis and inner of those after it. A C-contiguous input of a supported
 dtype is viewed without a copy; anything else (Fortran order, strided,
 byte-swapped, float16) is copied once. The caller's array is never written.
 """
+import math
+
 import numpy as np
 
 from . import _checks
@@ -50,8 +52,16 @@ def as_array(x, name="input"):
     return array
 
 
+# dtypes the kernels take as they are: C-contiguous arrays of these skip every
+# conversion (the common case, and the one small calls must keep cheap).
+_NATIVE_DTYPES = frozenset([np.dtype(np.float32), np.dtype(np.float64)])
+
+
 def channel_view(x, axis, name="input"):
     """Validate ``x`` (rank >= 2, float dtype) and view it as (outer, C, inner)."""
+    if (type(x) is np.ndarray and x.dtype in _NATIVE_DTYPES and x.ndim >= 2
+            and x.flags.c_contiguous and type(axis) is int and -x.ndim <= axis < x.ndim):
+        return _view_of(x, x, axis % x.ndim)
     array = as_array(x, name)
     if array.ndim < 2:
         raise ValueError(
@@ -60,9 +70,14 @@ def channel_view(x, axis, name="input"):
         )
     axis = channel_axis(axis, array.ndim, array.shape)
     data = np.ascontiguousarray(array, dtype=_checks.compute_dtype(array.dtype, name))
+    return _view_of(array, data, axis)
+
+
+def _view_of(array, data, axis):
+    """The view of ``data`` (C-contiguous copy of ``array``, or itself)."""
     shape = array.shape
-    outer = int(np.prod(shape[:axis], dtype=np.int64))
-    inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+    outer = math.prod(shape[:axis])
+    inner = math.prod(shape[axis + 1:])
     return ChannelView(data.reshape(outer, shape[axis], inner), shape,
                        array.dtype.newbyteorder("="))
 

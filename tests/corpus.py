@@ -31,6 +31,7 @@ LAYOUTS = SMALL_LAYOUTS + [
     pytest.param((2000, 3), -1, id="NC-tall"),
     pytest.param((2, 700, 5), 1, id="few-rows-short-runs"),
     pytest.param((40, 3), 0, id="axis0"),
+    pytest.param((2, 20000, 4), 1, id="few-wide-rows"),
 ]
 
 DTYPES = [np.float32, np.float64]
