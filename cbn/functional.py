@@ -43,7 +43,7 @@ def _normalize(view, mean, scale, shift, output):
     """output <- (x - mean) * scale + shift, per channel."""
     if view.size:
         kernels.normalize(view.data, mean, scale, shift, output.kernel_out,
-                           threads_for(view.size))
+                          threads_for(view.size))
     return output.finish()
 
 
@@ -123,11 +123,11 @@ def _backward(dy, view, mean, invstd, weight, training, output):
     scale = _scaled(invstd, weight)
     if training:
         kernels.grad_input(dy, view.data, mean, sum_dy / n,
-                            dotp * invstd * invstd / n, scale,
-                            output.kernel_out, threads)
+                           dotp * invstd * invstd / n, scale,
+                           output.kernel_out, threads)
     else:
         kernels.normalize(dy, np.zeros(num_channels), scale,
-                           np.zeros(num_channels), output.kernel_out, threads)
+                          np.zeros(num_channels), output.kernel_out, threads)
     return output.finish(), dotp * invstd, sum_dy
 
 
