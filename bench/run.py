@@ -1,91 +1,170 @@
-"""cbn against the plain-NumPy formula: median times and speed-ups.
+"""Benchmark cbn against the NumPy formula, PyTorch CPU and the copy limit.
 
-    python bench/run.py            # the default suite
-    python bench/run.py --quick    # small shapes, a few repeats (smoke test)
-    python bench/run.py --threads 1
+    python bench/run.py               # the full suite: a few minutes
+    python bench/run.py --quick       # small shapes, few repeats: seconds
+    python bench/run.py --threads 1 --filter NHWC --json out.json --plot out.png
 
-Each case times cbn and the NumPy reference (cbn.reference, the obvious
-vectorized float64 formulas) interleaved, so drift in the machine's speed hits
-both alike, and reports the median of the repeats after a warm-up call.
+Times training forward, inference and backward on large arrays in every
+layout ((N, C), (N, C, L), NCHW, NHWC) and dtype (float32, float64): cbn
+with a preallocated output and with its default call, the vectorized NumPy
+formula, PyTorch CPU (when installed, at the same thread count) and a copy of
+the same bytes, all calls of a case interleaved round by round, the caches
+flushed before each call on large arrays. Then small calls in microseconds
+and thread scaling at 1 and 2 threads. Prints the tables and the issue's
+targets with PASS/FAIL, writes the results as JSON and, when matplotlib is
+installed, a PNG chart.
+
+Measures the cbn that Python imports, never the source tree's cbn/ (which
+is not on the path): install it, or put an in-place build on PYTHONPATH.
 """
-import argparse
-import platform
-import statistics
 import sys
+
+if __name__ == "__main__" and not __package__:
+    # Run as a script: Python put bench/ itself first on sys.path. Drop it and
+    # import this directory as the package ``bench`` (so its modules import
+    # each other as usual) without the repository root on sys.path, where the
+    # source tree's cbn/ would shadow the installed package.
+    import importlib.util
+    from pathlib import Path
+
+    _here = Path(__file__).resolve().parent
+    if sys.path and Path(sys.path[0] or ".").resolve() == _here:
+        del sys.path[0]
+    _spec = importlib.util.spec_from_file_location(
+        "bench", _here / "__init__.py", submodule_search_locations=[str(_here)])
+    sys.modules["bench"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["bench"])
+    __package__ = "bench"
+
+import argparse
+import json
 import time
+from pathlib import Path
 
-import numpy as np
+try:
+    import cbn
+except ImportError as error:
+    sys.exit(f"cannot import cbn ({error}); install it (pip install .) or put an "
+             "in-place build on PYTHONPATH")
 
-import cbn
-from cbn import reference
+from . import environment, plot, report, scaling, small_calls, suite, targets, torch_ops
+from .cases import (FULL_SUITE, OPS, QUICK_SUITE, SCALING_CASES, SMALL_CALLS,
+                    scaling_name, small_call_name)
 
-FULL_CASES = [((4096, 1024), 1), ((32, 64, 56, 56), 1), ((32, 56, 56, 64), -1),
-              ((256, 128, 64), 1)]
-QUICK_CASES = [((256, 64), 1), ((4, 16, 16, 16), 1), ((4, 16, 16, 16), -1)]
+RESULTS = Path(__file__).resolve().parent / "results"
 
-
-def operations(x, dy, axis):
-    """(name, cbn call, NumPy call) for training forward, inference and backward."""
-    num_channels = x.shape[axis]
-    weight = np.ones(num_channels, x.dtype)
-    bias = np.zeros(num_channels, x.dtype)
-    mean = np.zeros(num_channels, x.dtype)
-    var = np.ones(num_channels, x.dtype)
-    _, save_mean, save_invstd = cbn.batch_norm_forward(x, weight, bias, axis=axis)
-    return [
-        ("train forward",
-         lambda: cbn.batch_norm(x, mean, var, weight, bias, training=True, axis=axis),
-         lambda: reference.batch_norm(x, mean.copy(), var.copy(), weight, bias,
-                                      training=True, axis=axis)),
-        ("inference",
-         lambda: cbn.batch_norm(x, mean, var, weight, bias, axis=axis),
-         lambda: reference.batch_norm(x, mean, var, weight, bias, axis=axis)),
-        ("backward",
-         lambda: cbn.batch_norm_backward(dy, x, save_mean, save_invstd, weight, axis=axis),
-         lambda: reference.batch_norm_backward(dy, x, save_mean, save_invstd, weight,
-                                               axis=axis)),
-    ]
+# (repeats of the large cases, samples of the small calls, seconds per sample)
+FULL = (5, 15, 0.02)
+QUICK = (3, 5, 0.002)
 
 
-def median_times(functions, repeats):
-    """Median seconds of each function, calls interleaved round by round."""
-    for function in functions:  # warm-up: first-touch pages, caches
-        function()
-    samples = [[] for _ in functions]
-    for _ in range(repeats):
-        for function, times in zip(functions, samples):
-            start = time.perf_counter()
-            function()
-            times.append(time.perf_counter() - start)
-    return [statistics.median(times) for times in samples]
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python bench/run.py", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]))
+    parser.add_argument("--quick", action="store_true",
+                        help="small shapes and few repeats (a smoke test)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="threads for cbn and PyTorch (default: cbn's default)")
+    parser.add_argument("--repeats", type=int, metavar="N",
+                        help=f"timed rounds per large case (default {FULL[0]}, "
+                             f"{QUICK[0]} with --quick)")
+    parser.add_argument("--filter", metavar="SUBSTRING", default="",
+                        help="only rows whose name contains SUBSTRING, ignoring case "
+                             "(e.g. NHWC, float64, backward, 4096x4096, small, threads)")
+    parser.add_argument("--json", metavar="PATH", type=Path,
+                        default=RESULTS / "latest.json",
+                        help="where to write the results (default: %(default)s)")
+    parser.add_argument("--plot", metavar="PATH", type=Path, default=None,
+                        help="PNG chart, when matplotlib is installed (default: the "
+                             "JSON path with .png)")
+    args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
+    return args
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
-    parser.add_argument("--threads", type=int, default=None, help="kernel threads")
-    parser.add_argument("--repeats", type=int, default=None)
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    started = time.perf_counter()
+    repeats, samples, sample_seconds = QUICK if args.quick else FULL
+    repeats = args.repeats or repeats
     if args.threads is not None:
         cbn.set_num_threads(args.threads)
-    cases = QUICK_CASES if args.quick else FULL_CASES
-    repeats = args.repeats or (3 if args.quick else 11)
+    threads = cbn.get_num_threads()
+    torch_ops.set_num_threads(threads)
+    copy_threads = max(2, threads)
 
-    print(f"cbn {cbn.__version__}, NumPy {np.__version__}, Python {platform.python_version()}"
-          f", {platform.machine()}, {cbn.get_num_threads()} threads, median of {repeats}")
-    print(f"{'shape':>20} {'axis':>4} {'dtype':>7} {'operation':>14} "
-          f"{'cbn ms':>9} {'NumPy ms':>9} {'speed-up':>8}")
-    rng = np.random.default_rng(0)
-    for shape, axis in cases:
-        for dtype in (np.float32, np.float64):
-            x = (5 + rng.standard_normal(shape)).astype(dtype)
-            dy = rng.standard_normal(shape).astype(dtype)
-            for name, fast, slow in operations(x, dy, axis):
-                t_cbn, t_numpy = median_times([fast, slow], repeats)
-                print(f"{str(shape):>20} {axis:>4} {np.dtype(dtype).name:>7} {name:>14} "
-                      f"{t_cbn * 1e3:9.3f} {t_numpy * 1e3:9.3f} {t_numpy / t_cbn:7.1f}x",
-                      flush=True)
+    def selected(name):
+        return args.filter.lower() in name.lower()
+
+    facts = environment.describe(threads)
+    print(report.header(facts, repeats, copy_threads), flush=True)
+    if torch_ops.torch is None:
+        print("\nNote: PyTorch is not installed; its columns and targets are skipped.",
+              flush=True)
+
+    cpu_load = environment.CpuLoad()
+    loads = {}
+    cases = QUICK_SUITE if args.quick else FULL_SUITE
+    rows = suite.run(cases, lambda case: [op for op in OPS if selected(f"{case.name} {op}")],
+                     repeats, threads)
+    loads["large arrays"] = cpu_load.lap()
+    if rows:
+        print("\n" + report.suite_table(rows, copy_threads), flush=True)
+
+    chosen_calls = [call for call in SMALL_CALLS if selected(small_call_name(call))]
+    log(f"small calls: {len(chosen_calls)}")
+    small_rows = small_calls.run(chosen_calls, samples, sample_seconds)
+    loads["small calls"] = cpu_load.lap()
+    if small_rows:
+        print("\n" + report.small_calls_table(small_rows, samples), flush=True)
+
+    scaling_cases = [(case, [op for op in OPS if selected(scaling_name(case, op))])
+                     for case in SCALING_CASES]
+    log(f"thread scaling: {sum(len(ops) for _, ops in scaling_cases)} rows")
+    scaling_rows = scaling.run(scaling_cases, samples, sample_seconds)
+    loads["thread scaling"] = cpu_load.lap()
+    if scaling_rows:
+        print("\n" + report.scaling_table(scaling_rows, samples), flush=True)
+
+    if not (rows or small_rows or scaling_rows):
+        print(f"\nNo rows match --filter {args.filter!r}.")
+        return 2
+    by_op = targets.summary(rows)
+    checked = targets.evaluate(rows, small_rows, scaling_rows)
+    if by_op:
+        print("\n" + report.summary_table(by_op))
+    print("\n" + report.targets_list(checked))
+    print("\n" + report.machine_load(loads))
+
+    elapsed = time.perf_counter() - started
+    results = {"facts": facts,
+               "options": {"quick": args.quick, "threads": threads, "repeats": repeats,
+                           "samples": samples, "filter": args.filter,
+                           "copy_threads": copy_threads},
+               "suite": rows, "small_calls": small_rows, "thread_scaling": scaling_rows,
+               "summary": by_op, "targets": checked, "machine_load": loads,
+               "elapsed_seconds": elapsed}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\nResults written to {args.json}")
+    plot_path = args.plot or args.json.with_suffix(".png")
+    if rows and plot.available():
+        plot_path.parent.mkdir(parents=True, exist_ok=True)
+        plot.write(plot_path, rows, f"cbn {facts['cbn']}, {threads} threads, {facts['cpu']}")
+        print(f"Chart written to {plot_path}")
+    elif rows:
+        print("No chart: matplotlib is not installed.")
+    print(f"Run time: {elapsed:.0f} s")
     return 0
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

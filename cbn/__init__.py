@@ -5,7 +5,7 @@ running statistics with PyTorch's semantics; the functions in
 :mod:`cbn.functional` are the same computations without state. Kernels are
 typed Cython with OpenMP; :mod:`cbn.reference` holds their plain-NumPy twins.
 """
-from . import reference
+from . import reference  # noqa: F401  (cbn.reference is public)
 from ._threads import get_num_threads, set_num_threads
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward, batch_stats
 from .layer import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d

@@ -17,7 +17,7 @@ import pytest
 import cbn
 from cbn import reference
 
-from corpus import (DTYPES, SMALL_LAYOUTS, channel_shape, layer_state, make_input,
+from corpus import (DTYPES, SMALL_LAYOUTS, layer_state, make_input,
                     per_channel)
 
 EPS = 1e-5
