@@ -100,7 +100,10 @@ def test_chart_only_with_matplotlib(quick_run):
 def test_runs_without_torch_and_matplotlib(tmp_path):
     # Both optional: block their imports and run a few rows.
     path = tmp_path / "results.json"
-    script = ("import runpy, sys; sys.modules['torch'] = None; "
+    # `python -c` puts the working directory (the repo root) first on sys.path;
+    # drop it so the installed cbn is imported, as `python bench/run.py` does.
+    script = ("import runpy, sys; sys.path = [p for p in sys.path if p not in ('', '.')]; "
+              "sys.modules['torch'] = None; "
               "sys.modules['matplotlib'] = None; "
               "sys.argv = ['bench/run.py', '--quick', '--filter', 'NHWC float64', "
               f"'--json', {str(path)!r}, '--plot', {str(tmp_path / 'chart.png')!r}]; "
