@@ -339,6 +339,14 @@ cdef inline void expand_to_columns(const double* per_channel, Py_ssize_t C,
             per_column[c * inner + i] = per_channel[c]
 
 
+cdef inline void normalize_run(const floating* x, floating* y, Py_ssize_t n,
+                               double mean, double scale, double shift) noexcept nogil:
+    """One channel's contiguous run: y = (x - mean) * scale + shift, in double."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] = <floating>((x[i] - mean) * scale + shift)
+
+
 def normalize(const floating[:, :, ::1] x,
               const double[::1] mean,
               const double[::1] scale,
@@ -360,10 +368,7 @@ def normalize(const floating[:, :, ::1] x,
                 m = mean[seg % C]
                 s = scale[seg % C]
                 b = shift[seg % C]
-                xrun = xp + seg * inner
-                yrun = yp + seg * inner
-                for i in range(inner):
-                    yrun[i] = <floating>((xrun[i] - m) * s + b)
+                normalize_run(xp + seg * inner, yp + seg * inner, inner, m, s, b)
         return
     W = C * inner
     cols = <double*>checked_malloc(3 * W * sizeof(double))
@@ -415,10 +420,8 @@ def train_forward_fused(const floating[:, :, ::1] x,
     cdef Py_ssize_t outer = x.shape[0], C = x.shape[1], inner = x.shape[2]
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* yp = &out[0, 0, 0]
-    cdef Py_ssize_t c, o, i
+    cdef Py_ssize_t c, o
     cdef double m, v, inv, s, b
-    cdef const floating* xrun
-    cdef floating* yrun
     with nogil:
         for c in prange(C, schedule='static', num_threads=team_size(num_threads, C)):
             # Outputs go straight to this channel's slots: a local whose
@@ -432,10 +435,8 @@ def train_forward_fused(const floating[:, :, ::1] x,
             s = inv * weight[c]
             b = bias[c]
             for o in range(outer):
-                xrun = xp + (o * C + c) * inner
-                yrun = yp + (o * C + c) * inner
-                for i in range(inner):
-                    yrun[i] = <floating>((xrun[i] - m) * s + b)
+                normalize_run(xp + (o * C + c) * inner, yp + (o * C + c) * inner,
+                              inner, m, s, b)
 
 
 # ---------------------------------------------------------------------------
