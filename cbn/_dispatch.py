@@ -6,6 +6,7 @@ bits; the wider ones are faster. ``CBN_SIMD=baseline|avx2|avx512`` forces one
 (for tests and benchmarks); asking for a build the CPU cannot run is an error.
 """
 import importlib
+import importlib.util
 import os
 
 from . import _kernels as _baseline
@@ -15,15 +16,14 @@ BUILDS = {"avx512": "cbn._kernels_avx512", "avx2": "cbn._kernels_avx2",
 
 
 def compiled_targets():
-    """The SIMD builds present in this installation, widest first."""
-    present = []
-    for target, module in BUILDS.items():
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            continue
-        present.append(target)
-    return present
+    """The SIMD builds present in this installation, widest first.
+
+    Found without importing them: a module built for AVX-512 may use those
+    instructions as soon as it initializes, so importing it on a CPU without
+    them dies of SIGILL.
+    """
+    return [target for target, module in BUILDS.items()
+            if importlib.util.find_spec(module) is not None]
 
 
 def _usable(target):

@@ -56,6 +56,18 @@ def test_every_usable_build_gives_identical_bits(rng, shape, axis, dtype):
             assert got.tobytes() == expected.tobytes(), target
 
 
+def test_builds_this_cpu_cannot_run_are_never_imported():
+    # Importing a build for wider instructions than the CPU has can die of
+    # SIGILL in its module initialization, so dispatch must not even try.
+    code = ("import sys, cbn; from cbn import _dispatch; "
+            "print(*[t for t, m in _dispatch.BUILDS.items() if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(__file__), env=dict(os.environ, CBN_SIMD=""))
+    assert out.returncode == 0, out.stderr
+    imported = set(out.stdout.split())
+    assert imported <= set(USABLE) and "baseline" in imported
+
+
 @pytest.mark.parametrize("target", USABLE)
 def test_cbn_simd_forces_a_build(target):
     out = subprocess.run(
