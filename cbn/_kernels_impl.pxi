@@ -1,10 +1,13 @@
 # Compiled batch-normalization kernels: the code every SIMD build of
 # cbn._kernels* shares (included by _kernels.pyx, _kernels_avx2.pyx, ...).
 #
-# Design: the Python layer hands every layout over as a C-contiguous
-# ``(outer, C, inner)`` view of float32 or float64 data, already validated, plus
-# per-channel parameters in float64. These kernels only loop; they never raise
-# on data and never touch the GIL inside a loop.
+# Design: every layout arrives as a C-contiguous ``(outer, C, inner)`` block of
+# float32 or float64 data, already validated, plus per-channel parameters in
+# float64. The ``*_impl`` functions take raw pointers and only loop: they never
+# raise and never touch the GIL (a scratch allocation that fails returns -1).
+# Two kinds of callers share them: the ``def`` wrappers here, which take
+# memoryviews from cbn's Python layer, and the fast entry points of
+# _entry.pxi, which validate the common case in C (small calls).
 #
 # Two walks over that view:
 #
@@ -102,11 +105,11 @@ cdef inline Py_ssize_t interleaved_rows_per_chunk(Py_ssize_t rows,
     return max(r, ceil_div(rows, MAX_ROW_CHUNKS))
 
 
-cdef void* checked_malloc(size_t nbytes) except NULL:
-    cdef void* p = malloc(nbytes if nbytes > 0 else 1)
-    if p == NULL:
-        raise MemoryError(f"cbn: cannot allocate {nbytes} bytes of scratch space")
-    return p
+cdef int check_scratch(int status) except -1:
+    """Turn an ``*_impl`` failure into MemoryError (with the GIL held)."""
+    if status < 0:
+        raise MemoryError("cbn: cannot allocate the kernels' scratch space")
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -243,57 +246,61 @@ cdef void interleaved_stats_unit(const floating* x, Py_ssize_t W,
         rb += nb
 
 
-def batch_stats(const floating[:, :, ::1] x,
-                double[::1] mean,      # OUT (C,)
-                double[::1] var,       # OUT (C,), biased
-                int num_threads):
-    """Per-channel mean and biased variance of a non-empty (outer, C, inner) view."""
-    cdef Py_ssize_t outer = x.shape[0], C = x.shape[1], inner = x.shape[2]
-    cdef const floating* xp = &x[0, 0, 0]
+cdef int batch_stats_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
+                          Py_ssize_t inner,
+                          double* mean,          # OUT (C,)
+                          double* var,           # OUT (C,), biased
+                          int num_threads) noexcept nogil:
+    """Per-channel mean and biased variance of a non-empty (outer, C, inner)
+    block. Returns 0, or -1 when scratch space cannot be allocated."""
     cdef double* part_mean = NULL
     cdef double* part_m2 = NULL
     cdef double* scratch = NULL
     cdef Py_ssize_t per_unit, n_chunks, n_units, u, c, k, o_start, o_stop
     cdef Py_ssize_t W, rows_per_chunk, n_tiles, j, i, j_start, j_stop
     cdef double n, m, m2, n_part, total = <double>outer * inner
-    try:
-        if planar_walk(outer, C, inner):
-            per_unit = planar_outer_per_unit(inner)
-            n_chunks = ceil_div(outer, per_unit)
-            n_units = C * n_chunks
-            part_mean = <double*>checked_malloc(n_units * sizeof(double))
-            part_m2 = <double*>checked_malloc(n_units * sizeof(double))
-            with nogil:
-                for u in prange(n_units, schedule='static',
-                                num_threads=team_size(num_threads, n_units)):
-                    c = u // n_chunks
-                    k = u % n_chunks
-                    o_start = k * per_unit
-                    o_stop = min(outer, o_start + per_unit)
-                    planar_stats_unit(xp, C, inner, c, o_start, o_stop,
-                                      &part_mean[u], &part_m2[u])
-                for c in range(C):
-                    n = 0
-                    m = 0
-                    m2 = 0
-                    for k in range(n_chunks):
-                        n_part = <double>(min(outer, (k + 1) * per_unit) - k * per_unit) * inner
-                        chan_merge(&n, &m, &m2, n_part,
-                                   part_mean[c * n_chunks + k], part_m2[c * n_chunks + k])
-                    mean[c] = m
-                    var[c] = m2 / total
+    cdef int status = 0
+    if planar_walk(outer, C, inner):
+        per_unit = planar_outer_per_unit(inner)
+        n_chunks = ceil_div(outer, per_unit)
+        n_units = C * n_chunks
+        part_mean = <double*>malloc(n_units * sizeof(double))
+        part_m2 = <double*>malloc(n_units * sizeof(double))
+        if part_mean == NULL or part_m2 == NULL:
+            status = -1
         else:
-            W = C * inner
-            rows_per_chunk = interleaved_rows_per_chunk(outer, W)
-            n_chunks = ceil_div(outer, rows_per_chunk)
-            n_tiles = ceil_div(W, TILE_COLS)
-            n_units = n_chunks * n_tiles
-            part_mean = <double*>checked_malloc(n_chunks * W * sizeof(double))
-            part_m2 = <double*>checked_malloc(n_chunks * W * sizeof(double))
-            num_threads = team_size(num_threads, n_units)
-            scratch = <double*>checked_malloc(
-                <size_t>num_threads * 2 * TILE_COLS * sizeof(double))
-            with nogil, parallel(num_threads=num_threads):
+            for u in prange(n_units, schedule='static',
+                            num_threads=team_size(num_threads, n_units)):
+                c = u // n_chunks
+                k = u % n_chunks
+                o_start = k * per_unit
+                o_stop = min(outer, o_start + per_unit)
+                planar_stats_unit(xp, C, inner, c, o_start, o_stop,
+                                  &part_mean[u], &part_m2[u])
+            for c in range(C):
+                n = 0
+                m = 0
+                m2 = 0
+                for k in range(n_chunks):
+                    n_part = <double>(min(outer, (k + 1) * per_unit) - k * per_unit) * inner
+                    chan_merge(&n, &m, &m2, n_part,
+                               part_mean[c * n_chunks + k], part_m2[c * n_chunks + k])
+                mean[c] = m
+                var[c] = m2 / total
+    else:
+        W = C * inner
+        rows_per_chunk = interleaved_rows_per_chunk(outer, W)
+        n_chunks = ceil_div(outer, rows_per_chunk)
+        n_tiles = ceil_div(W, TILE_COLS)
+        n_units = n_chunks * n_tiles
+        num_threads = team_size(num_threads, n_units)
+        part_mean = <double*>malloc(n_chunks * W * sizeof(double))
+        part_m2 = <double*>malloc(n_chunks * W * sizeof(double))
+        scratch = <double*>malloc(<size_t>num_threads * 2 * TILE_COLS * sizeof(double))
+        if part_mean == NULL or part_m2 == NULL or scratch == NULL:
+            status = -1
+        else:
+            with parallel(num_threads=num_threads):
                 for u in prange(n_units, schedule='static'):
                     k = u // n_tiles
                     j_start = (u % n_tiles) * TILE_COLS
@@ -304,24 +311,35 @@ def batch_stats(const floating[:, :, ::1] x,
                         scratch + threadid() * 2 * TILE_COLS,
                         scratch + threadid() * 2 * TILE_COLS + TILE_COLS,
                         part_mean + k * W + j_start, part_m2 + k * W + j_start)
-            with nogil:
-                for c in range(C):
-                    n = 0
-                    m = 0
-                    m2 = 0
-                    for i in range(inner):
-                        j = c * inner + i
-                        for k in range(n_chunks):
-                            n_part = <double>(min(outer, (k + 1) * rows_per_chunk)
-                                              - k * rows_per_chunk)
-                            chan_merge(&n, &m, &m2, n_part,
-                                       part_mean[k * W + j], part_m2[k * W + j])
-                    mean[c] = m
-                    var[c] = m2 / total
-    finally:
-        free(part_mean)
-        free(part_m2)
-        free(scratch)
+            for c in range(C):
+                n = 0
+                m = 0
+                m2 = 0
+                for i in range(inner):
+                    j = c * inner + i
+                    for k in range(n_chunks):
+                        n_part = <double>(min(outer, (k + 1) * rows_per_chunk)
+                                          - k * rows_per_chunk)
+                        chan_merge(&n, &m, &m2, n_part,
+                                   part_mean[k * W + j], part_m2[k * W + j])
+                mean[c] = m
+                var[c] = m2 / total
+    free(part_mean)
+    free(part_m2)
+    free(scratch)
+    return status
+
+
+def batch_stats(const floating[:, :, ::1] x,
+                double[::1] mean,      # OUT (C,)
+                double[::1] var,       # OUT (C,), biased
+                int num_threads):
+    """Per-channel mean and biased variance of a non-empty (outer, C, inner) view."""
+    cdef int status
+    with nogil:
+        status = batch_stats_impl(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2],
+                                  &mean[0], &var[0], num_threads)
+    check_scratch(status)
 
 
 # ---------------------------------------------------------------------------
@@ -347,47 +365,57 @@ cdef inline void normalize_run(const floating* x, floating* y, Py_ssize_t n,
         y[i] = <floating>((x[i] - mean) * scale + shift)
 
 
+cdef int normalize_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
+                        Py_ssize_t inner,
+                        const double* mean,    # IN (C,)
+                        const double* scale,   # IN (C,)
+                        const double* shift,   # IN (C,)
+                        floating* yp,          # OUT, may be xp itself
+                        int num_threads) noexcept nogil:
+    """y = (x - mean) * scale + shift per channel. Returns 0, or -1 when
+    scratch space cannot be allocated."""
+    cdef Py_ssize_t seg, r, j, k, W, rows_per_chunk, n_chunks
+    cdef double* cols
+    cdef const floating* xrun
+    cdef floating* yrun
+    if planar_walk(outer, C, inner):
+        for seg in prange(outer * C, schedule='static',
+                          num_threads=team_size(num_threads, outer * C)):
+            normalize_run(xp + seg * inner, yp + seg * inner, inner,
+                          mean[seg % C], scale[seg % C], shift[seg % C])
+        return 0
+    W = C * inner
+    cols = <double*>malloc(3 * W * sizeof(double))
+    if cols == NULL:
+        return -1
+    expand_to_columns(mean, C, inner, cols)
+    expand_to_columns(scale, C, inner, cols + W)
+    expand_to_columns(shift, C, inner, cols + 2 * W)
+    rows_per_chunk = max(<Py_ssize_t>1, UNIT_ELEMS // W)
+    n_chunks = ceil_div(outer, rows_per_chunk)
+    for k in prange(n_chunks, schedule='static',
+                    num_threads=team_size(num_threads, n_chunks)):
+        for r in range(k * rows_per_chunk, min(outer, (k + 1) * rows_per_chunk)):
+            xrun = xp + r * W
+            yrun = yp + r * W
+            for j in range(W):
+                yrun[j] = <floating>((xrun[j] - cols[j]) * cols[W + j] + cols[2 * W + j])
+    free(cols)
+    return 0
+
+
 def normalize(const floating[:, :, ::1] x,
               const double[::1] mean,
               const double[::1] scale,
               const double[::1] shift,
               floating[:, :, ::1] out,     # OUT, may be x itself
               int num_threads):
-    cdef Py_ssize_t outer = x.shape[0], C = x.shape[1], inner = x.shape[2]
-    cdef const floating* xp = &x[0, 0, 0]
-    cdef floating* yp = &out[0, 0, 0]
-    cdef Py_ssize_t seg, i, r, j, k, W, rows_per_chunk, n_chunks
-    cdef double m, s, b
-    cdef double* cols = NULL
-    cdef const floating* xrun
-    cdef floating* yrun
-    if planar_walk(outer, C, inner):
-        with nogil:
-            for seg in prange(outer * C, schedule='static',
-                              num_threads=team_size(num_threads, outer * C)):
-                m = mean[seg % C]
-                s = scale[seg % C]
-                b = shift[seg % C]
-                normalize_run(xp + seg * inner, yp + seg * inner, inner, m, s, b)
-        return
-    W = C * inner
-    cols = <double*>checked_malloc(3 * W * sizeof(double))
-    try:
-        with nogil:
-            expand_to_columns(&mean[0], C, inner, cols)
-            expand_to_columns(&scale[0], C, inner, cols + W)
-            expand_to_columns(&shift[0], C, inner, cols + 2 * W)
-            rows_per_chunk = max(<Py_ssize_t>1, UNIT_ELEMS // W)
-            n_chunks = ceil_div(outer, rows_per_chunk)
-            for k in prange(n_chunks, schedule='static',
-                            num_threads=team_size(num_threads, n_chunks)):
-                for r in range(k * rows_per_chunk, min(outer, (k + 1) * rows_per_chunk)):
-                    xrun = xp + r * W
-                    yrun = yp + r * W
-                    for j in range(W):
-                        yrun[j] = <floating>((xrun[j] - cols[j]) * cols[W + j] + cols[2 * W + j])
-    finally:
-        free(cols)
+    cdef int status
+    with nogil:
+        status = normalize_impl(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2],
+                                &mean[0], &scale[0], &shift[0], &out[0, 0, 0],
+                                num_threads)
+    check_scratch(status)
 
 
 # ---------------------------------------------------------------------------
@@ -397,12 +425,48 @@ cdef enum:
     FUSED_MAX_BYTES = 1 << 20  # a channel this small stays in L2 between passes
 
 
+cdef inline bint fuses(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                       Py_ssize_t itemsize) noexcept nogil:
+    return (planar_walk(outer, C, inner) and C >= 2
+            and outer * inner * itemsize <= FUSED_MAX_BYTES)
+
+
 def fuses_training_forward(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
                            Py_ssize_t itemsize):
     """Whether train_forward_fused handles this shape (planar walk, a channel
     fits in L2, and enough channels to share among threads)."""
-    return (planar_walk(outer, C, inner) and C >= 2
-            and outer * inner * itemsize <= FUSED_MAX_BYTES)
+    return fuses(outer, C, inner, itemsize)
+
+
+cdef void train_forward_fused_impl(const floating* xp, Py_ssize_t outer,
+                                   Py_ssize_t C, Py_ssize_t inner,
+                                   const double* weight,  # IN (C,)
+                                   const double* bias,    # IN (C,)
+                                   double eps,
+                                   double* mean,          # OUT (C,)
+                                   double* var,           # OUT (C,), biased
+                                   double* invstd,        # OUT (C,)
+                                   floating* yp,          # OUT, may be xp itself
+                                   int num_threads) noexcept nogil:
+    """Statistics and normalization channel by channel, so that each channel is
+    read from memory once and re-read from cache. Only for shapes where
+    fuses() is true."""
+    cdef Py_ssize_t c, o
+    cdef double m, v, inv, s, b
+    for c in prange(C, schedule='static', num_threads=team_size(num_threads, C)):
+        # Outputs go straight to this channel's slots: a local whose
+        # address is taken would be shared between threads by prange.
+        planar_stats_unit(xp, C, inner, c, 0, outer, &mean[c], &var[c])
+        m = mean[c]
+        v = var[c] / (<double>outer * inner)
+        inv = 1.0 / sqrt(v + eps)
+        var[c] = v
+        invstd[c] = inv
+        s = inv * weight[c]
+        b = bias[c]
+        for o in range(outer):
+            normalize_run(xp + (o * C + c) * inner, yp + (o * C + c) * inner,
+                          inner, m, s, b)
 
 
 def train_forward_fused(const floating[:, :, ::1] x,
@@ -414,29 +478,10 @@ def train_forward_fused(const floating[:, :, ::1] x,
                         double[::1] invstd,    # OUT (C,)
                         floating[:, :, ::1] out,   # OUT, may be x itself
                         int num_threads):
-    """Statistics and normalization channel by channel, so that each channel is
-    read from memory once and re-read from cache. Only for shapes where
-    fuses_training_forward() is true."""
-    cdef Py_ssize_t outer = x.shape[0], C = x.shape[1], inner = x.shape[2]
-    cdef const floating* xp = &x[0, 0, 0]
-    cdef floating* yp = &out[0, 0, 0]
-    cdef Py_ssize_t c, o
-    cdef double m, v, inv, s, b
     with nogil:
-        for c in prange(C, schedule='static', num_threads=team_size(num_threads, C)):
-            # Outputs go straight to this channel's slots: a local whose
-            # address is taken would be shared between threads by prange.
-            planar_stats_unit(xp, C, inner, c, 0, outer, &mean[c], &var[c])
-            m = mean[c]
-            v = var[c] / (<double>outer * inner)
-            inv = 1.0 / sqrt(v + eps)
-            var[c] = v
-            invstd[c] = inv
-            s = inv * weight[c]
-            b = bias[c]
-            for o in range(outer):
-                normalize_run(xp + (o * C + c) * inner, yp + (o * C + c) * inner,
-                              inner, m, s, b)
+        train_forward_fused_impl(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2],
+                                 &weight[0], &bias[0], eps, &mean[0], &var[0],
+                                 &invstd[0], &out[0, 0, 0], num_threads)
 
 
 # ---------------------------------------------------------------------------
@@ -485,78 +530,140 @@ cdef void interleaved_grad_sums_unit(const floating* dy, const floating* x,
             dotp_out[j] += (x[offset + j] - mean_cols[j_start + j]) * dy[offset + j]
 
 
-def grad_sums(const floating[:, :, ::1] dy,
-              const floating[:, :, ::1] x,
-              const double[::1] mean,
-              double[::1] sum_dy,     # OUT (C,): sum of dy
-              double[::1] dotp,       # OUT (C,): sum of (x - mean) * dy
-              int num_threads):
-    cdef Py_ssize_t outer = x.shape[0], C = x.shape[1], inner = x.shape[2]
-    cdef const floating* dyp = &dy[0, 0, 0]
-    cdef const floating* xp = &x[0, 0, 0]
+cdef int grad_sums_impl(const floating* dyp, const floating* xp,
+                        Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                        const double* mean,   # IN (C,)
+                        double* sum_dy,       # OUT (C,): sum of dy
+                        double* dotp,         # OUT (C,): sum of (x - mean) * dy
+                        int num_threads) noexcept nogil:
+    """Returns 0, or -1 when scratch space cannot be allocated."""
     cdef double* part_s = NULL
     cdef double* part_p = NULL
     cdef double* mean_cols = NULL
     cdef Py_ssize_t per_unit, n_chunks, n_units, u, c, k, i, j, j_start, W
     cdef Py_ssize_t rows_per_chunk, n_tiles
     cdef double s, p
-    try:
-        if planar_walk(outer, C, inner):
-            per_unit = planar_outer_per_unit(inner)
-            n_chunks = ceil_div(outer, per_unit)
-            n_units = C * n_chunks
-            part_s = <double*>checked_malloc(n_units * sizeof(double))
-            part_p = <double*>checked_malloc(n_units * sizeof(double))
-            with nogil:
-                for u in prange(n_units, schedule='static',
-                                num_threads=team_size(num_threads, n_units)):
-                    c = u // n_chunks
-                    k = u % n_chunks
-                    planar_grad_sums_unit(dyp, xp, C, inner, c, k * per_unit,
-                                          min(outer, (k + 1) * per_unit), mean[c],
-                                          &part_s[u], &part_p[u])
-                for c in range(C):
-                    s = 0
-                    p = 0
-                    for k in range(n_chunks):
-                        s = s + part_s[c * n_chunks + k]
-                        p = p + part_p[c * n_chunks + k]
-                    sum_dy[c] = s
-                    dotp[c] = p
+    cdef int status = 0
+    if planar_walk(outer, C, inner):
+        per_unit = planar_outer_per_unit(inner)
+        n_chunks = ceil_div(outer, per_unit)
+        n_units = C * n_chunks
+        part_s = <double*>malloc(n_units * sizeof(double))
+        part_p = <double*>malloc(n_units * sizeof(double))
+        if part_s == NULL or part_p == NULL:
+            status = -1
         else:
-            W = C * inner
-            rows_per_chunk = interleaved_rows_per_chunk(outer, W)
-            n_chunks = ceil_div(outer, rows_per_chunk)
-            n_tiles = ceil_div(W, TILE_COLS)
-            n_units = n_chunks * n_tiles
-            part_s = <double*>checked_malloc(n_chunks * W * sizeof(double))
-            part_p = <double*>checked_malloc(n_chunks * W * sizeof(double))
-            mean_cols = <double*>checked_malloc(W * sizeof(double))
-            with nogil:
-                expand_to_columns(&mean[0], C, inner, mean_cols)
-                for u in prange(n_units, schedule='static',
-                                num_threads=team_size(num_threads, n_units)):
-                    k = u // n_tiles
-                    j_start = (u % n_tiles) * TILE_COLS
-                    interleaved_grad_sums_unit(
-                        dyp, xp, W, mean_cols,
-                        k * rows_per_chunk, min(outer, (k + 1) * rows_per_chunk),
-                        j_start, min(W, j_start + TILE_COLS),
-                        part_s + k * W + j_start, part_p + k * W + j_start)
-                for c in range(C):
-                    s = 0
-                    p = 0
-                    for i in range(inner):
-                        j = c * inner + i
-                        for k in range(n_chunks):
-                            s = s + part_s[k * W + j]
-                            p = p + part_p[k * W + j]
-                    sum_dy[c] = s
-                    dotp[c] = p
-    finally:
-        free(part_s)
-        free(part_p)
-        free(mean_cols)
+            for u in prange(n_units, schedule='static',
+                            num_threads=team_size(num_threads, n_units)):
+                c = u // n_chunks
+                k = u % n_chunks
+                planar_grad_sums_unit(dyp, xp, C, inner, c, k * per_unit,
+                                      min(outer, (k + 1) * per_unit), mean[c],
+                                      &part_s[u], &part_p[u])
+            for c in range(C):
+                s = 0
+                p = 0
+                for k in range(n_chunks):
+                    s = s + part_s[c * n_chunks + k]
+                    p = p + part_p[c * n_chunks + k]
+                sum_dy[c] = s
+                dotp[c] = p
+    else:
+        W = C * inner
+        rows_per_chunk = interleaved_rows_per_chunk(outer, W)
+        n_chunks = ceil_div(outer, rows_per_chunk)
+        n_tiles = ceil_div(W, TILE_COLS)
+        n_units = n_chunks * n_tiles
+        part_s = <double*>malloc(n_chunks * W * sizeof(double))
+        part_p = <double*>malloc(n_chunks * W * sizeof(double))
+        mean_cols = <double*>malloc(W * sizeof(double))
+        if part_s == NULL or part_p == NULL or mean_cols == NULL:
+            status = -1
+        else:
+            expand_to_columns(mean, C, inner, mean_cols)
+            for u in prange(n_units, schedule='static',
+                            num_threads=team_size(num_threads, n_units)):
+                k = u // n_tiles
+                j_start = (u % n_tiles) * TILE_COLS
+                interleaved_grad_sums_unit(
+                    dyp, xp, W, mean_cols,
+                    k * rows_per_chunk, min(outer, (k + 1) * rows_per_chunk),
+                    j_start, min(W, j_start + TILE_COLS),
+                    part_s + k * W + j_start, part_p + k * W + j_start)
+            for c in range(C):
+                s = 0
+                p = 0
+                for i in range(inner):
+                    j = c * inner + i
+                    for k in range(n_chunks):
+                        s = s + part_s[k * W + j]
+                        p = p + part_p[k * W + j]
+                sum_dy[c] = s
+                dotp[c] = p
+    free(part_s)
+    free(part_p)
+    free(mean_cols)
+    return status
+
+
+def grad_sums(const floating[:, :, ::1] dy,
+              const floating[:, :, ::1] x,
+              const double[::1] mean,
+              double[::1] sum_dy,     # OUT (C,): sum of dy
+              double[::1] dotp,       # OUT (C,): sum of (x - mean) * dy
+              int num_threads):
+    cdef int status
+    with nogil:
+        status = grad_sums_impl(&dy[0, 0, 0], &x[0, 0, 0], x.shape[0], x.shape[1],
+                                x.shape[2], &mean[0], &sum_dy[0], &dotp[0],
+                                num_threads)
+    check_scratch(status)
+
+
+cdef int grad_input_impl(const floating* dyp, const floating* xp,
+                         Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                         const double* mean,      # IN (C,)
+                         const double* mean_dy,   # IN (C,): sum_dy / n
+                         const double* proj,      # IN (C,): dotp * invstd^2 / n
+                         const double* scale,     # IN (C,): invstd * weight
+                         floating* dxp,           # OUT, may be dyp itself
+                         int num_threads) noexcept nogil:
+    """Training-mode input gradient: dx = (dy - mean_dy - (x - mean) * proj) * scale.
+    Returns 0, or -1 when scratch space cannot be allocated."""
+    cdef Py_ssize_t seg, i, r, j, k, W, rows_per_chunk, n_chunks, offset
+    cdef double m, mdy, q, s
+    cdef double* cols
+    if planar_walk(outer, C, inner):
+        for seg in prange(outer * C, schedule='static',
+                          num_threads=team_size(num_threads, outer * C)):
+            m = mean[seg % C]
+            mdy = mean_dy[seg % C]
+            q = proj[seg % C]
+            s = scale[seg % C]
+            offset = seg * inner
+            for i in range(offset, offset + inner):
+                dxp[i] = <floating>((dyp[i] - mdy - (xp[i] - m) * q) * s)
+        return 0
+    W = C * inner
+    cols = <double*>malloc(4 * W * sizeof(double))
+    if cols == NULL:
+        return -1
+    expand_to_columns(mean, C, inner, cols)
+    expand_to_columns(mean_dy, C, inner, cols + W)
+    expand_to_columns(proj, C, inner, cols + 2 * W)
+    expand_to_columns(scale, C, inner, cols + 3 * W)
+    rows_per_chunk = max(<Py_ssize_t>1, UNIT_ELEMS // W)
+    n_chunks = ceil_div(outer, rows_per_chunk)
+    for k in prange(n_chunks, schedule='static',
+                    num_threads=team_size(num_threads, n_chunks)):
+        for r in range(k * rows_per_chunk, min(outer, (k + 1) * rows_per_chunk)):
+            offset = r * W
+            for j in range(W):
+                dxp[offset + j] = <floating>(
+                    (dyp[offset + j] - cols[W + j]
+                     - (xp[offset + j] - cols[j]) * cols[2 * W + j]) * cols[3 * W + j])
+    free(cols)
+    return 0
 
 
 def grad_input(const floating[:, :, ::1] dy,
@@ -567,43 +674,9 @@ def grad_input(const floating[:, :, ::1] dy,
                const double[::1] scale,     # invstd * weight
                floating[:, :, ::1] dx,      # OUT, may be dy itself
                int num_threads):
-    """Training-mode input gradient: dx = (dy - mean_dy - (x - mean) * proj) * scale."""
-    cdef Py_ssize_t outer = x.shape[0], C = x.shape[1], inner = x.shape[2]
-    cdef const floating* dyp = &dy[0, 0, 0]
-    cdef const floating* xp = &x[0, 0, 0]
-    cdef floating* dxp = &dx[0, 0, 0]
-    cdef Py_ssize_t seg, i, r, j, k, W, rows_per_chunk, n_chunks, offset
-    cdef double m, mdy, q, s
-    cdef double* cols = NULL
-    if planar_walk(outer, C, inner):
-        with nogil:
-            for seg in prange(outer * C, schedule='static',
-                              num_threads=team_size(num_threads, outer * C)):
-                m = mean[seg % C]
-                mdy = mean_dy[seg % C]
-                q = proj[seg % C]
-                s = scale[seg % C]
-                offset = seg * inner
-                for i in range(offset, offset + inner):
-                    dxp[i] = <floating>((dyp[i] - mdy - (xp[i] - m) * q) * s)
-        return
-    W = C * inner
-    cols = <double*>checked_malloc(4 * W * sizeof(double))
-    try:
-        with nogil:
-            expand_to_columns(&mean[0], C, inner, cols)
-            expand_to_columns(&mean_dy[0], C, inner, cols + W)
-            expand_to_columns(&proj[0], C, inner, cols + 2 * W)
-            expand_to_columns(&scale[0], C, inner, cols + 3 * W)
-            rows_per_chunk = max(<Py_ssize_t>1, UNIT_ELEMS // W)
-            n_chunks = ceil_div(outer, rows_per_chunk)
-            for k in prange(n_chunks, schedule='static',
-                            num_threads=team_size(num_threads, n_chunks)):
-                for r in range(k * rows_per_chunk, min(outer, (k + 1) * rows_per_chunk)):
-                    offset = r * W
-                    for j in range(W):
-                        dxp[offset + j] = <floating>(
-                            (dyp[offset + j] - cols[W + j]
-                             - (xp[offset + j] - cols[j]) * cols[2 * W + j]) * cols[3 * W + j])
-    finally:
-        free(cols)
+    cdef int status
+    with nogil:
+        status = grad_input_impl(&dy[0, 0, 0], &x[0, 0, 0], x.shape[0], x.shape[1],
+                                 x.shape[2], &mean[0], &mean_dy[0], &proj[0],
+                                 &scale[0], &dx[0, 0, 0], num_threads)
+    check_scratch(status)
