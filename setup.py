@@ -17,6 +17,7 @@ import sysconfig
 import tempfile
 import warnings
 
+import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
@@ -104,8 +105,9 @@ extensions = [
     Extension(
         f"cbn.{name}",
         sources=[f"cbn/{name}.pyx"],
-        include_dirs=["cbn"],
-        depends=["cbn/_kernels_impl.pxi", "cbn/_omp_compat.h"],
+        include_dirs=["cbn", numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        depends=["cbn/_kernels_impl.pxi", "cbn/_entry.pxi", "cbn/_omp_compat.h"],
         extra_compile_args=base_args + simd_args + omp,
         extra_link_args=[f for f in omp if f != "/openmp"],
     )

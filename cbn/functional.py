@@ -5,6 +5,12 @@ Public functions validate, canonicalize to an (outer, C, inner) view and
 allocate; the private ``_``-prefixed steps take validated views and float64
 per-channel vectors and call the kernels.
 
+Each public function first offers its arguments to a compiled fast entry
+point (cbn/_entry.pxi), which handles the plain case (C-contiguous float32 or
+float64 NumPy arrays, Python numbers) with all checks in C, and returns None
+for anything else; the Python path below then converts and validates. Both
+give the same bits.
+
 Per-channel statistics that are handed between calls (``save_mean``,
 ``save_invstd``) are float64 whatever the data's dtype: a float32 mean would
 already lose the accuracy the kernels keep at large means.
@@ -100,8 +106,9 @@ def _update_running(running_mean, running_var, mean, var, n, factor):
     update half-way; both new values exist before either buffer is written.
     """
     with np.errstate(all="ignore"):
-        new_mean = (1.0 - factor) * running_mean + factor * mean
-        new_var = (1.0 - factor) * running_var + factor * (var * (n / (n - 1)))
+        new_mean = (1.0 - factor) * running_mean.astype(np.float64) + factor * mean
+        new_var = ((1.0 - factor) * running_var.astype(np.float64)
+                   + factor * (var * (n / (n - 1))))
     running_mean[...] = new_mean
     running_var[...] = new_var
 
@@ -164,6 +171,10 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     C-contiguous array of ``x``'s shape and dtype (``out=x`` works in place).
     Returns ``y`` in ``x``'s dtype.
     """
+    y = kernels.fast_batch_norm(x, running_mean, running_var, weight, bias, training,
+                                momentum, eps, axis, out)
+    if y is not None:
+        return y
     view = channel_view(x, axis)
     num_channels = view.num_channels
     eps = _checks.eps(eps)
@@ -213,6 +224,9 @@ def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None)
     to :func:`batch_norm_backward` with the same ``x``. No running statistics
     are involved; keep them with :func:`batch_norm` or a :class:`BatchNorm` layer.
     """
+    result = kernels.fast_batch_norm_forward(x, weight, bias, eps, axis, out)
+    if result is not None:
+        return result
     view = channel_view(x, axis)
     eps = _checks.eps(eps)
     weight = _optional_vector(weight, view.num_channels, "weight")
@@ -235,6 +249,10 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, axis=1,
     ``grad_weight`` and ``grad_bias`` are computed whether or not ``weight`` is
     given (the gradients of an implicit weight 1 and bias 0).
     """
+    result = kernels.fast_backward(dy, x, axis, save_mean, save_invstd, weight,
+                                   training, out, None)
+    if result is not None:
+        return result
     view = channel_view(x, axis, name="x")
     dy_data = like_view(dy, view, "dy")
     num_channels = view.num_channels

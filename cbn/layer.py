@@ -7,15 +7,14 @@ import numpy as np
 
 from . import _checks
 from . import functional as F
-from ._layout import Output, as_array, channel_view, like_view
+from ._dispatch import kernels
+from ._layout import ChannelView, Output, as_array, channel_view, like_view
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
-# What backward needs from the last forward. ``batch_stats`` is True when the
-# forward normalized with the batch's own statistics (so they depend on x).
-_Saved = namedtuple("_Saved", "view mean invstd weight batch_stats")
-
 IncompatibleKeys = namedtuple("IncompatibleKeys", "missing_keys unexpected_keys")
+
+_ANY_RANK = range(2, 65)  # NumPy's maximum is 64 dimensions
 
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -110,7 +109,16 @@ class BatchNorm:
         self.num_batches_tracked = 0 if self.track_running_stats else None
         self.grad_weight = None
         self.grad_bias = None
-        self._saved = None
+        # What backward needs from the last forward: its input (the caller's
+        # array on the fast path, a ChannelView otherwise), whether it
+        # normalized with the batch's own statistics (which then depend on the
+        # input), and the mean, invstd and weight it used. The buffers are
+        # rewritten by each forward, once nothing can fail any more.
+        self._saved_input = None
+        self._saved_batch_stats = False
+        self._save_mean = np.zeros(shape)
+        self._save_invstd = np.zeros(shape)
+        self._save_weight = np.zeros(shape)
 
     # -- hyper-parameters, validated on assignment so calls need not re-check
 
@@ -156,43 +164,57 @@ class BatchNorm:
             )
         return view
 
-    def _params64(self):
-        # Copies: backward must see the weight of its forward even if an
-        # optimizer edits layer.weight in place in between.
-        if not self.affine:
-            return None, None
-        return (np.array(self.weight, dtype=np.float64),
-                np.array(self.bias, dtype=np.float64))
-
     def forward(self, x):
         """Normalize ``x``; returns a new array of ``x``'s shape and dtype."""
+        use_batch_stats = self.training or self._running_mean is None
+        update = (self.training and self.track_running_stats
+                  and self._running_mean is not None)
+        if update and self._momentum is None:  # the cumulative moving average
+            factor = 1.0 / (self.num_batches_tracked + 1)
+        else:
+            factor = self._momentum or 0.0
+        ranks = self._ranks or _ANY_RANK
+        y = kernels.fast_layer_forward(
+            x, self.axis, ranks.start, ranks.stop - 1, self.num_features,
+            self._weight, self._bias, self._running_mean, self._running_var,
+            self._eps, use_batch_stats, update, factor,
+            self._save_mean, self._save_invstd, self._save_weight)
+        if y is None:
+            y, x = self._forward_general(x, use_batch_stats, update, factor)
+        elif update:
+            self.num_batches_tracked += 1
+        self._saved_input = x
+        self._saved_batch_stats = use_batch_stats
+        return y
+
+    def _forward_general(self, x, use_batch_stats, update, factor):
+        """forward for what the fast path does not take; returns (y, view)."""
         view = self._view(x)
-        weight, bias = self._params64()
-        use_batch_stats = self.training or self.running_mean is None
+        weight = bias = None
+        if self.affine:
+            weight = np.array(self.weight, dtype=np.float64)
+            bias = np.array(self.bias, dtype=np.float64)
         output = Output(view)
         if use_batch_stats:
             F._check_training_size(view)
             y, mean, var, invstd = F._train_forward(view, weight, bias, self.eps, output)
-            if (self.training and self.track_running_stats
-                    and self.running_mean is not None and view.size):
-                self._track(mean, var, view.values_per_channel)
+            update = update and view.size > 0  # an empty batch changes nothing
+            if update:
+                F._update_running(self.running_mean, self.running_var, mean, var,
+                                  view.values_per_channel, factor)
+                self.num_batches_tracked += 1
         else:
             mean = np.array(self.running_mean, dtype=np.float64)
             y, invstd = F._eval_forward(view, mean,
                                         np.array(self.running_var, dtype=np.float64),
                                         weight, bias, self.eps, output)
-        self._saved = _Saved(view, mean, invstd, weight, use_batch_stats)
-        return y
+        self._save_mean[...] = mean
+        self._save_invstd[...] = invstd
+        self._save_weight[...] = 1.0 if weight is None else weight
+        return y, view
 
     def __call__(self, x):
         return self.forward(x)
-
-    def _track(self, mean, var, n):
-        count = self.num_batches_tracked + 1
-        # momentum None: the cumulative moving average
-        factor = 1.0 / count if self.momentum is None else self.momentum
-        F._update_running(self.running_mean, self.running_var, mean, var, n, factor)
-        self.num_batches_tracked = count
 
     def backward(self, dy):
         """Gradient of the last forward's output -> gradient of its input.
@@ -201,18 +223,29 @@ class BatchNorm:
         After a training-mode forward the batch statistics' dependence on the
         input is included; after an eval-mode forward they are constants.
         """
-        if self._saved is None:
+        source = self._saved_input
+        if source is None:
             raise ValueError(
                 f"{type(self).__name__}.backward called before any forward"
             )
-        saved = self._saved
-        dy_data = like_view(dy, saved.view, "dy")
-        dx, grad_weight, grad_bias = F._backward(
-            dy_data, saved.view, saved.mean, saved.invstd, saved.weight,
-            saved.batch_stats, Output(saved.view))
+        result = None
+        if not isinstance(source, ChannelView):
+            result = kernels.fast_backward(
+                dy, source, self.axis, self._save_mean, self._save_invstd,
+                self._save_weight, self._saved_batch_stats, None, self.dtype)
+        if result is None:
+            view = source if isinstance(source, ChannelView) else self._view(source)
+            dy_data = like_view(dy, view, "dy")
+            dx, grad_weight, grad_bias = F._backward(
+                dy_data, view, self._save_mean, self._save_invstd, self._save_weight,
+                self._saved_batch_stats, Output(view))
+            grad_weight = grad_weight.astype(self.dtype)
+            grad_bias = grad_bias.astype(self.dtype)
+        else:
+            dx, grad_weight, grad_bias = result
         if self.affine:
-            self.grad_weight = grad_weight.astype(self.dtype)
-            self.grad_bias = grad_bias.astype(self.dtype)
+            self.grad_weight = grad_weight
+            self.grad_bias = grad_bias
         return dx
 
     # -- state
@@ -308,19 +341,19 @@ def _batch_count(value):
 class BatchNorm1d(BatchNorm):
     """BatchNorm for (N, C) or (N, C, L) input."""
 
-    _ranks = (2, 3)
+    _ranks = range(2, 4)
     _ranks_text = "2D or 3D"
 
 
 class BatchNorm2d(BatchNorm):
     """BatchNorm for (N, C, H, W) input."""
 
-    _ranks = (4,)
+    _ranks = range(4, 5)
     _ranks_text = "4D"
 
 
 class BatchNorm3d(BatchNorm):
     """BatchNorm for (N, C, D, H, W) input."""
 
-    _ranks = (5,)
+    _ranks = range(5, 6)
     _ranks_text = "5D"

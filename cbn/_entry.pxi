@@ -1,0 +1,517 @@
+# Fast entry points: the common call, validated and run entirely in C.
+#
+# Design: a small call (a (1, 64) batch in an inference pipeline) costs far
+# more in Python-level checks, memoryview set-up and small NumPy temporaries
+# than in arithmetic. These entry points take the caller's objects as they are
+# and handle only the plain case: exact NumPy arrays of float32/float64 in
+# native byte order, aligned and C-contiguous, Python numbers for eps and
+# momentum, and an ``out`` that is absent, the input itself or disjoint from
+# every input. For anything else (other array types, dtypes or layouts, bad
+# values) they return None before touching any state, and the Python layer
+# takes its general path, which converts what it can and raises the errors.
+#
+# Both paths compute the same bits: the same kernels, and per-channel
+# arithmetic written in the same order as the NumPy expressions of
+# cbn/functional.py.
+
+cimport numpy as cnp
+from cpython.float cimport PyFloat_AsDouble, PyFloat_CheckExact
+from cpython.long cimport PyLong_AsDouble, PyLong_AsLong, PyLong_CheckExact
+from libc.math cimport isfinite
+
+cnp.import_array()
+
+
+cdef enum:
+    SERIAL_BELOW = 1 << 15   # elements: below this a kernel runs serial
+    THREAD_CAP = 256         # libgomp exits if it cannot create a team this big
+
+PARALLEL_MIN_ELEMENTS = SERIAL_BELOW
+MAX_THREADS = THREAD_CAP
+
+# 0: follow OpenMP's default (OMP_NUM_THREADS); set by cbn.set_num_threads.
+cdef int configured_threads = 0
+
+
+def set_thread_count(int n):
+    """0 restores OpenMP's default. The caller validates the range."""
+    global configured_threads
+    configured_threads = n
+
+
+def thread_count():
+    if configured_threads > 0:
+        return configured_threads
+    return min(cbn_max_threads(), <int>THREAD_CAP)
+
+
+cdef int threads_for_c(Py_ssize_t num_elements) noexcept nogil:
+    if num_elements < SERIAL_BELOW or not cbn_openmp_enabled():
+        return 1
+    if configured_threads > 0:
+        return configured_threads
+    return min(cbn_max_threads(), <int>THREAD_CAP)
+
+
+def threads_for(Py_ssize_t num_elements):
+    """Thread count for a kernel call touching ``num_elements`` elements."""
+    return threads_for_c(num_elements)
+
+
+# ---------------------------------------------------------------------------
+# Recognizing the plain case
+
+cdef struct Block:
+    # An input seen as (outer, C, inner), see _kernels_impl.pxi.
+    Py_ssize_t outer
+    Py_ssize_t C
+    Py_ssize_t inner
+    int typenum
+
+
+cdef inline bint plain_float_array(object a) noexcept:
+    """An exact ndarray of float32/float64, native byte order, aligned and
+    C-contiguous (the layout the kernels read directly)."""
+    cdef int typenum
+    if not cnp.PyArray_CheckExact(a):
+        return False
+    typenum = cnp.PyArray_TYPE(<cnp.ndarray>a)
+    return ((typenum == cnp.NPY_FLOAT or typenum == cnp.NPY_DOUBLE)
+            and cnp.PyArray_ISCARRAY_RO(<cnp.ndarray>a)
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a))
+
+
+cdef bint plain_input(object x, object axis, int min_ndim, int max_ndim,
+                      Block* block) noexcept:
+    """True, with ``block`` filled in, when ``x`` and ``axis`` are the plain case."""
+    cdef int ndim, k
+    cdef long ax
+    cdef cnp.npy_intp* dims
+    if not plain_float_array(x) or not PyLong_CheckExact(axis):
+        return False
+    ndim = cnp.PyArray_NDIM(<cnp.ndarray>x)
+    if ndim < min_ndim or ndim > max_ndim:
+        return False
+    ax = PyLong_AsLong(axis)
+    if ax == -1 and PyErr_Occurred():  # beyond a C long: the general path reports it
+        PyErr_Clear()
+        return False
+    if ax < -ndim or ax >= ndim:
+        return False
+    if ax < 0:
+        ax += ndim
+    dims = cnp.PyArray_DIMS(<cnp.ndarray>x)
+    block.outer = 1
+    block.inner = 1
+    for k in range(ax):
+        block.outer *= dims[k]
+    for k in range(ax + 1, ndim):
+        block.inner *= dims[k]
+    block.C = dims[ax]
+    block.typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    return True
+
+
+cdef bint read_channels(object v, Py_ssize_t C, double fill,
+                        double* dst) noexcept:   # OUT (C,)
+    """A per-channel vector (or None, meaning ``fill``) copied into ``dst`` as
+    double; False when it is not a plain (C,) float array."""
+    cdef Py_ssize_t c
+    cdef const float* f
+    cdef const double* d
+    if v is None:
+        for c in range(C):
+            dst[c] = fill
+        return True
+    if (not plain_float_array(v) or cnp.PyArray_NDIM(<cnp.ndarray>v) != 1
+            or cnp.PyArray_DIMS(<cnp.ndarray>v)[0] != C):
+        return False
+    if cnp.PyArray_TYPE(<cnp.ndarray>v) == cnp.NPY_FLOAT:
+        f = <const float*>cnp.PyArray_DATA(<cnp.ndarray>v)
+        for c in range(C):
+            dst[c] = f[c]
+    else:
+        d = <const double*>cnp.PyArray_DATA(<cnp.ndarray>v)
+        for c in range(C):
+            dst[c] = d[c]
+    return True
+
+
+cdef bint writable_channels(object v, Py_ssize_t C) noexcept:
+    """A plain (C,) float array that can be updated in place."""
+    return (plain_float_array(v) and cnp.PyArray_NDIM(<cnp.ndarray>v) == 1
+            and cnp.PyArray_DIMS(<cnp.ndarray>v)[0] == C
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>v))
+
+
+cdef void store_channels(object v, const double* src, Py_ssize_t C) noexcept:
+    """Write a per-channel vector checked by writable_channels()."""
+    cdef Py_ssize_t c
+    cdef float* f
+    cdef double* d
+    if cnp.PyArray_TYPE(<cnp.ndarray>v) == cnp.NPY_FLOAT:
+        f = <float*>cnp.PyArray_DATA(<cnp.ndarray>v)
+        for c in range(C):
+            f[c] = <float>src[c]
+    else:
+        d = <double*>cnp.PyArray_DATA(<cnp.ndarray>v)
+        for c in range(C):
+            d[c] = src[c]
+
+
+cdef bint plain_number(object v, double low, double high, bint low_open,
+                       double* value) noexcept:
+    """An exact Python float or int within [low, high] ((low, high] when
+    low_open), finite."""
+    if PyFloat_CheckExact(v):
+        value[0] = PyFloat_AsDouble(v)
+    elif PyLong_CheckExact(v):
+        value[0] = PyLong_AsDouble(v)
+        if value[0] == -1.0 and PyErr_Occurred():  # too large for a double
+            PyErr_Clear()
+            return False
+    else:
+        return False
+    if not isfinite(value[0]) or value[0] > high or value[0] < low:
+        return False
+    return not (low_open and value[0] == low)
+
+
+cdef extern from "Python.h":
+    object PyErr_Occurred()
+    void PyErr_Clear()
+
+
+cdef inline char* span_start(object a) noexcept:
+    return <char*>cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef inline bint disjoint(object a, object b) noexcept:
+    return (span_start(a) + cnp.PyArray_NBYTES(<cnp.ndarray>a) <= span_start(b)
+            or span_start(b) + cnp.PyArray_NBYTES(<cnp.ndarray>b) <= span_start(a))
+
+
+cdef object plain_output(object out, cnp.ndarray x, object also_read,
+                         object no_overlap):
+    """The array to write: a new one like ``x``, or ``out`` when it matches
+    ``x`` and is ``x`` itself (or ``also_read``) or disjoint from them and from
+    ``no_overlap``; None otherwise (the general path checks and reports)."""
+    cdef int k
+    if out is None:
+        return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x),
+                                 cnp.PyArray_TYPE(x), 0)
+    if (not plain_float_array(out) or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)
+            or cnp.PyArray_TYPE(<cnp.ndarray>out) != cnp.PyArray_TYPE(x)
+            or cnp.PyArray_NDIM(<cnp.ndarray>out) != cnp.PyArray_NDIM(x)):
+        return None
+    for k in range(cnp.PyArray_NDIM(x)):
+        if cnp.PyArray_DIMS(<cnp.ndarray>out)[k] != cnp.PyArray_DIMS(x)[k]:
+            return None
+    for source in (x, also_read):
+        if (source is not None and span_start(out) != span_start(source)
+                and not disjoint(out, source)):
+            return None
+    for source in no_overlap:
+        if source is not None and not disjoint(out, source):
+            return None
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The computations, on checked arguments
+
+cdef enum:
+    # Rows of the per-channel scratch of one call
+    S_MEAN, S_VAR, S_INVSTD, S_WEIGHT, S_BIAS, S_SCALE, S_ROWS
+
+
+cdef int forward_kernels(const void* xp, void* yp, Block b, double eps,
+                         bint batch_stats, double* s, int threads) noexcept nogil:
+    """y from x; ``s`` holds S_ROWS rows of C doubles. Batch statistics: fills
+    mean, var and invstd; otherwise mean and var are given (running stats).
+    Returns 0, or -1 when scratch space cannot be allocated."""
+    cdef Py_ssize_t c, C = b.C
+    cdef double* mean = s + S_MEAN * C
+    cdef double* var = s + S_VAR * C
+    cdef double* invstd = s + S_INVSTD * C
+    cdef double* scale = s + S_SCALE * C
+    cdef int status
+    cdef Py_ssize_t itemsize = 4 if b.typenum == cnp.NPY_FLOAT else 8
+    if batch_stats and fuses(b.outer, C, b.inner, itemsize):
+        if b.typenum == cnp.NPY_FLOAT:
+            train_forward_fused_impl(<const float*>xp, b.outer, C, b.inner,
+                                     s + S_WEIGHT * C, s + S_BIAS * C, eps,
+                                     mean, var, invstd, <float*>yp, threads)
+        else:
+            train_forward_fused_impl(<const double*>xp, b.outer, C, b.inner,
+                                     s + S_WEIGHT * C, s + S_BIAS * C, eps,
+                                     mean, var, invstd, <double*>yp, threads)
+        return 0
+    if batch_stats:
+        if b.typenum == cnp.NPY_FLOAT:
+            status = batch_stats_impl(<const float*>xp, b.outer, C, b.inner,
+                                      mean, var, threads)
+        else:
+            status = batch_stats_impl(<const double*>xp, b.outer, C, b.inner,
+                                      mean, var, threads)
+        if status < 0:
+            return status
+    for c in range(C):  # as functional._invstd and _scaled
+        invstd[c] = 1.0 / sqrt(var[c] + eps)
+        scale[c] = invstd[c] * s[S_WEIGHT * C + c]
+    if b.typenum == cnp.NPY_FLOAT:
+        return normalize_impl(<const float*>xp, b.outer, C, b.inner, mean, scale,
+                              s + S_BIAS * C, <float*>yp, threads)
+    return normalize_impl(<const double*>xp, b.outer, C, b.inner, mean, scale,
+                          s + S_BIAS * C, <double*>yp, threads)
+
+
+cdef void running_update(double* running_mean, double* running_var,
+                         const double* mean, const double* var, Py_ssize_t C,
+                         Py_ssize_t n, double factor) noexcept nogil:
+    """In place, as functional._update_running: PyTorch's update with the
+    unbiased batch variance."""
+    cdef Py_ssize_t c
+    cdef double correction = <double>n / (n - 1)
+    for c in range(C):
+        running_mean[c] = (1.0 - factor) * running_mean[c] + factor * mean[c]
+        running_var[c] = (1.0 - factor) * running_var[c] + factor * (var[c] * correction)
+
+
+cdef object forward(cnp.ndarray x, Block b, object weight, object bias,
+                    object running_mean, object running_var, double eps,
+                    bint batch_stats, bint update, double factor, object out,
+                    object save_mean, object save_invstd, object save_weight):
+    """y, or None when an argument is not the plain case. With ``update`` the
+    running statistics are updated in place; the save_* arrays (plain float64
+    (C,) or None) receive what backward needs."""
+    cdef Py_ssize_t C = b.C, n = b.outer * b.inner
+    cdef double* s
+    cdef double* running = NULL
+    cdef int status
+    cdef const void* xp
+    cdef void* yp
+    if n == 0 or (batch_stats and n == 1):
+        return None  # empty batches and single values: the general path's rules
+    if update and not (batch_stats and writable_channels(running_mean, C)
+                       and writable_channels(running_var, C)):
+        return None
+    s = <double*>malloc((S_ROWS + 2) * C * sizeof(double))
+    if s == NULL:
+        return None
+    try:
+        if not (read_channels(weight, C, 1.0, s + S_WEIGHT * C)
+                and read_channels(bias, C, 0.0, s + S_BIAS * C)):
+            return None
+        if not batch_stats and not (
+                read_channels(running_mean, C, 0.0, s + S_MEAN * C)
+                and read_channels(running_var, C, 0.0, s + S_VAR * C)):
+            return None
+        if update:
+            running = s + S_ROWS * C  # two rows: running mean and var
+            read_channels(running_mean, C, 0.0, running)
+            read_channels(running_var, C, 0.0, running + C)
+        y = plain_output(out, x, None,
+                         (running_mean, running_var) if update else ())
+        if y is None:
+            return None
+        xp = cnp.PyArray_DATA(x)
+        yp = cnp.PyArray_DATA(<cnp.ndarray>y)
+        with nogil:
+            status = forward_kernels(xp, yp, b, eps, batch_stats, s,
+                                     threads_for_c(n * C))
+        check_scratch(status)
+        if update:
+            running_update(running, running + C, s + S_MEAN * C, s + S_VAR * C,
+                           C, n, factor)
+            store_channels(running_mean, running, C)
+            store_channels(running_var, running + C, C)
+        if save_mean is not None:
+            store_channels(save_mean, s + S_MEAN * C, C)
+            store_channels(save_invstd, s + S_INVSTD * C, C)
+        if save_weight is not None:
+            store_channels(save_weight, s + S_WEIGHT * C, C)
+        return y
+    finally:
+        free(s)
+
+
+cdef enum:
+    # Rows of the per-channel scratch of a backward call
+    B_MEAN, B_INVSTD, B_WEIGHT, B_SUM_DY, B_DOTP, B_MEAN_DY, B_PROJ, B_SCALE,
+    B_GRAD_WEIGHT, B_ROWS
+
+
+cdef int backward_kernels(const void* dyp, const void* xp, void* dxp, Block b,
+                          bint training, double* s, int threads) noexcept nogil:
+    """dx and the per-channel sums; ``s`` holds B_ROWS rows of C doubles, of
+    which mean, invstd and weight are given. Returns 0, or -1 when scratch
+    space cannot be allocated. Arithmetic as functional._backward."""
+    cdef Py_ssize_t c, C = b.C, n = b.outer * b.inner
+    cdef double* mean = s + B_MEAN * C
+    cdef double* invstd = s + B_INVSTD * C
+    cdef double* sum_dy = s + B_SUM_DY * C
+    cdef double* dotp = s + B_DOTP * C
+    cdef double* mean_dy = s + B_MEAN_DY * C
+    cdef double* proj = s + B_PROJ * C
+    cdef double* scale = s + B_SCALE * C
+    cdef bint f32 = b.typenum == cnp.NPY_FLOAT
+    cdef int status
+    if f32:
+        status = grad_sums_impl(<const float*>dyp, <const float*>xp, b.outer, C,
+                                b.inner, mean, sum_dy, dotp, threads)
+    else:
+        status = grad_sums_impl(<const double*>dyp, <const double*>xp, b.outer, C,
+                                b.inner, mean, sum_dy, dotp, threads)
+    if status < 0:
+        return status
+    for c in range(C):
+        scale[c] = invstd[c] * s[B_WEIGHT * C + c]
+        mean_dy[c] = sum_dy[c] / <double>n
+        proj[c] = dotp[c] * invstd[c] * invstd[c] / <double>n
+        s[B_GRAD_WEIGHT * C + c] = dotp[c] * invstd[c]
+    if training:
+        if f32:
+            return grad_input_impl(<const float*>dyp, <const float*>xp, b.outer, C,
+                                   b.inner, mean, mean_dy, proj, scale,
+                                   <float*>dxp, threads)
+        return grad_input_impl(<const double*>dyp, <const double*>xp, b.outer, C,
+                               b.inner, mean, mean_dy, proj, scale,
+                               <double*>dxp, threads)
+    # Eval mode: the statistics were constants, dx = dy * scale.
+    for c in range(C):
+        mean_dy[c] = 0
+    if f32:
+        return normalize_impl(<const float*>dyp, b.outer, C, b.inner, mean_dy, scale,
+                              mean_dy, <float*>dxp, threads)
+    return normalize_impl(<const double*>dyp, b.outer, C, b.inner, mean_dy, scale,
+                          mean_dy, <double*>dxp, threads)
+
+
+cdef object backward(cnp.ndarray dy, cnp.ndarray x, Block b, object save_mean,
+                     object save_invstd, object weight, bint training, object out,
+                     int grad_typenum):
+    """(dx, grad_weight, grad_bias), or None when an argument is not the plain
+    case."""
+    cdef Py_ssize_t k, C = b.C, n = b.outer * b.inner
+    cdef double* s
+    cdef int status
+    cdef const void* dyp = cnp.PyArray_DATA(dy)
+    cdef const void* xp = cnp.PyArray_DATA(x)
+    cdef void* dxp
+    if (n == 0 or cnp.PyArray_TYPE(dy) != b.typenum
+            or cnp.PyArray_NDIM(dy) != cnp.PyArray_NDIM(x)):
+        return None
+    for k in range(cnp.PyArray_NDIM(x)):
+        if cnp.PyArray_DIMS(dy)[k] != cnp.PyArray_DIMS(x)[k]:
+            return None
+    s = <double*>malloc(B_ROWS * C * sizeof(double))
+    if s == NULL:
+        return None
+    try:
+        if not (save_mean is not None and save_invstd is not None
+                and read_channels(save_mean, C, 0.0, s + B_MEAN * C)
+                and read_channels(save_invstd, C, 0.0, s + B_INVSTD * C)
+                and read_channels(weight, C, 1.0, s + B_WEIGHT * C)):
+            return None
+        dx = plain_output(out, x, dy, ())
+        if dx is None:
+            return None
+        grad_weight = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&C, grad_typenum, 0)
+        grad_bias = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&C, grad_typenum, 0)
+        dxp = cnp.PyArray_DATA(<cnp.ndarray>dx)
+        with nogil:
+            status = backward_kernels(dyp, xp, dxp, b, training, s, threads_for_c(n * C))
+        check_scratch(status)
+        store_channels(grad_weight, s + B_GRAD_WEIGHT * C, C)
+        store_channels(grad_bias, s + B_SUM_DY * C, C)
+        return dx, grad_weight, grad_bias
+    finally:
+        free(s)
+
+
+# ---------------------------------------------------------------------------
+# Entry points (each returns None for the general path to take over)
+
+def fast_batch_norm(x, running_mean, running_var, weight, bias, training,
+                    momentum, eps, axis, out):
+    """cbn.batch_norm for the plain case."""
+    cdef Block b
+    cdef double eps_c, momentum_c = 0
+    cdef bint has_running = running_mean is not None and running_var is not None
+    if (training is not True and training is not False) or not plain_input(
+            x, axis, 2, 64, &b):
+        return None
+    if not plain_number(eps, 0.0, 1e308, True, &eps_c):
+        return None
+    if momentum is not None and not plain_number(momentum, 0.0, 1.0, False,
+                                                 &momentum_c):
+        return None
+    if training:
+        if has_running and momentum is None:
+            return None
+        if not has_running and (running_mean is not None or running_var is not None):
+            return None
+        return forward(x, b, weight, bias, running_mean, running_var, eps_c, True,
+                       has_running, momentum_c, out, None, None, None)
+    if not has_running:
+        return None
+    return forward(x, b, weight, bias, running_mean, running_var, eps_c, False,
+                   False, 0.0, out, None, None, None)
+
+
+def fast_batch_norm_forward(x, weight, bias, eps, axis, out):
+    """cbn.batch_norm_forward for the plain case: (y, save_mean, save_invstd)."""
+    cdef Block b
+    cdef double eps_c
+    if not plain_input(x, axis, 2, 64, &b) or not plain_number(eps, 0.0, 1e308,
+                                                               True, &eps_c):
+        return None
+    save_mean = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&b.C, cnp.NPY_DOUBLE, 0)
+    save_invstd = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&b.C, cnp.NPY_DOUBLE, 0)
+    y = forward(x, b, weight, bias, None, None, eps_c, True, False, 0.0, out,
+                save_mean, save_invstd, None)
+    if y is None:
+        return None
+    return y, save_mean, save_invstd
+
+
+def fast_layer_forward(x, axis, int min_ndim, int max_ndim, Py_ssize_t num_channels,
+                       weight, bias, running_mean, running_var, eps,
+                       bint batch_stats, bint update, double factor,
+                       save_mean, save_invstd, save_weight):
+    """BatchNorm.forward for the plain case. The layer's hyper-parameters are
+    already valid; save_* are its float64 (C,) buffers for backward."""
+    cdef Block b
+    cdef double eps_c
+    if (not plain_input(x, axis, min_ndim, max_ndim, &b) or b.C != num_channels
+            or not plain_number(eps, 0.0, 1e308, True, &eps_c)):
+        return None
+    return forward(x, b, weight, bias, running_mean, running_var, eps_c, batch_stats,
+                   update, factor, None, save_mean, save_invstd, save_weight)
+
+
+def fast_backward(dy, x, axis, save_mean, save_invstd, weight, training, out,
+                  grad_dtype):
+    """cbn.batch_norm_backward and BatchNorm.backward for the plain case:
+    (dx, grad_weight, grad_bias), the gradients in ``grad_dtype`` (None: x's)."""
+    cdef Block b
+    cdef int grad_typenum
+    if ((training is not True and training is not False)
+            or not plain_input(x, axis, 2, 64, &b) or not plain_float_array(dy)):
+        return None
+    if grad_dtype is None:
+        grad_typenum = b.typenum
+    elif grad_dtype is float32_dtype:
+        grad_typenum = cnp.NPY_FLOAT
+    elif grad_dtype is float64_dtype:
+        grad_typenum = cnp.NPY_DOUBLE
+    else:
+        return None
+    return backward(dy, x, b, save_mean, save_invstd, weight, training, out,
+                    grad_typenum)
+
+
+import numpy
+float32_dtype = numpy.dtype(numpy.float32)
+float64_dtype = numpy.dtype(numpy.float64)
