@@ -246,6 +246,34 @@ cdef void interleaved_stats_unit(const floating* x, Py_ssize_t W,
         rb += nb
 
 
+cdef inline void planar_stats_chunk(const floating* xp, Py_ssize_t outer,
+                                    Py_ssize_t C, Py_ssize_t inner,
+                                    Py_ssize_t per_unit, Py_ssize_t n_chunks,
+                                    Py_ssize_t u,
+                                    double* part_mean,   # OUT, slot u
+                                    double* part_m2      # OUT, slot u
+                                    ) noexcept nogil:
+    """Unit u of the planar walk: chunk u % n_chunks of channel u // n_chunks."""
+    cdef Py_ssize_t c = u // n_chunks, o_start = (u % n_chunks) * per_unit
+    planar_stats_unit(xp, C, inner, c, o_start, min(outer, o_start + per_unit),
+                      &part_mean[u], &part_m2[u])
+
+
+cdef inline void interleaved_stats_tile(const floating* xp, Py_ssize_t outer,
+                                        Py_ssize_t W, Py_ssize_t rows_per_chunk,
+                                        Py_ssize_t n_tiles, Py_ssize_t u,
+                                        double* scratch,     # 2 * TILE_COLS, this thread's
+                                        double* part_mean,   # OUT (n_chunks, W)
+                                        double* part_m2      # OUT (n_chunks, W)
+                                        ) noexcept nogil:
+    """Unit u of the interleaved walk: row chunk u // n_tiles, column tile u % n_tiles."""
+    cdef Py_ssize_t k = u // n_tiles, j_start = (u % n_tiles) * TILE_COLS
+    interleaved_stats_unit(xp, W, k * rows_per_chunk, min(outer, (k + 1) * rows_per_chunk),
+                           j_start, min(W, j_start + TILE_COLS),
+                           scratch, scratch + TILE_COLS,
+                           part_mean + k * W + j_start, part_m2 + k * W + j_start)
+
+
 cdef int batch_stats_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
                           Py_ssize_t inner,
                           double* mean,          # OUT (C,)
@@ -256,8 +284,8 @@ cdef int batch_stats_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
     cdef double* part_mean = NULL
     cdef double* part_m2 = NULL
     cdef double* scratch = NULL
-    cdef Py_ssize_t per_unit, n_chunks, n_units, u, c, k, o_start, o_stop
-    cdef Py_ssize_t W, rows_per_chunk, n_tiles, j, i, j_start, j_stop
+    cdef Py_ssize_t per_unit, n_chunks, n_units, u, c, k
+    cdef Py_ssize_t W, rows_per_chunk, n_tiles, j, i
     cdef double n, m, m2, n_part, total = <double>outer * inner
     cdef int status = 0
     if planar_walk(outer, C, inner):
@@ -269,14 +297,15 @@ cdef int batch_stats_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
         if part_mean == NULL or part_m2 == NULL:
             status = -1
         else:
-            for u in prange(n_units, schedule='static',
-                            num_threads=team_size(num_threads, n_units)):
-                c = u // n_chunks
-                k = u % n_chunks
-                o_start = k * per_unit
-                o_stop = min(outer, o_start + per_unit)
-                planar_stats_unit(xp, C, inner, c, o_start, o_stop,
-                                  &part_mean[u], &part_m2[u])
+            num_threads = team_size(num_threads, n_units)
+            if num_threads == 1:
+                for u in range(n_units):
+                    planar_stats_chunk(xp, outer, C, inner, per_unit, n_chunks, u,
+                                       part_mean, part_m2)
+            else:
+                for u in prange(n_units, schedule='static', num_threads=num_threads):
+                    planar_stats_chunk(xp, outer, C, inner, per_unit, n_chunks, u,
+                                       part_mean, part_m2)
             for c in range(C):
                 n = 0
                 m = 0
@@ -300,17 +329,16 @@ cdef int batch_stats_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
         if part_mean == NULL or part_m2 == NULL or scratch == NULL:
             status = -1
         else:
-            with parallel(num_threads=num_threads):
-                for u in prange(n_units, schedule='static'):
-                    k = u // n_tiles
-                    j_start = (u % n_tiles) * TILE_COLS
-                    j_stop = min(W, j_start + TILE_COLS)
-                    interleaved_stats_unit(
-                        xp, W, k * rows_per_chunk, min(outer, (k + 1) * rows_per_chunk),
-                        j_start, j_stop,
-                        scratch + threadid() * 2 * TILE_COLS,
-                        scratch + threadid() * 2 * TILE_COLS + TILE_COLS,
-                        part_mean + k * W + j_start, part_m2 + k * W + j_start)
+            if num_threads == 1:
+                for u in range(n_units):
+                    interleaved_stats_tile(xp, outer, W, rows_per_chunk, n_tiles, u,
+                                           scratch, part_mean, part_m2)
+            else:
+                with parallel(num_threads=num_threads):
+                    for u in prange(n_units, schedule='static'):
+                        interleaved_stats_tile(xp, outer, W, rows_per_chunk, n_tiles, u,
+                                               scratch + threadid() * 2 * TILE_COLS,
+                                               part_mean, part_m2)
             for c in range(C):
                 n = 0
                 m = 0
@@ -365,6 +393,21 @@ cdef inline void normalize_run(const floating* x, floating* y, Py_ssize_t n,
         y[i] = <floating>((x[i] - mean) * scale + shift)
 
 
+cdef inline void normalize_rows(const floating* xp, floating* yp, Py_ssize_t W,
+                                Py_ssize_t r_start, Py_ssize_t r_stop,
+                                const double* m_cols, const double* s_cols,
+                                const double* b_cols) noexcept nogil:
+    """Rows r_start:r_stop of the interleaved walk, with per-column parameters."""
+    cdef Py_ssize_t r, j
+    cdef const floating* xrun
+    cdef floating* yrun
+    for r in range(r_start, r_stop):
+        xrun = xp + r * W
+        yrun = yp + r * W
+        for j in range(W):
+            yrun[j] = <floating>((xrun[j] - m_cols[j]) * s_cols[j] + b_cols[j])
+
+
 cdef int normalize_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
                         Py_ssize_t inner,
                         const double* mean,    # IN (C,)
@@ -374,32 +417,40 @@ cdef int normalize_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
                         int num_threads) noexcept nogil:
     """y = (x - mean) * scale + shift per channel. Returns 0, or -1 when
     scratch space cannot be allocated."""
-    cdef Py_ssize_t seg, r, j, k, W, rows_per_chunk, n_chunks
-    cdef double* cols
-    cdef const floating* xrun
-    cdef floating* yrun
+    cdef Py_ssize_t seg, k, W, rows_per_chunk, n_chunks
+    cdef double* cols = NULL
+    cdef const double* m_cols = mean
+    cdef const double* s_cols = scale
+    cdef const double* b_cols = shift
     if planar_walk(outer, C, inner):
-        for seg in prange(outer * C, schedule='static',
-                          num_threads=team_size(num_threads, outer * C)):
-            normalize_run(xp + seg * inner, yp + seg * inner, inner,
-                          mean[seg % C], scale[seg % C], shift[seg % C])
+        num_threads = team_size(num_threads, outer * C)
+        if num_threads == 1:
+            for seg in range(outer * C):
+                normalize_run(xp + seg * inner, yp + seg * inner, inner,
+                              mean[seg % C], scale[seg % C], shift[seg % C])
+        else:
+            for seg in prange(outer * C, schedule='static', num_threads=num_threads):
+                normalize_run(xp + seg * inner, yp + seg * inner, inner,
+                              mean[seg % C], scale[seg % C], shift[seg % C])
         return 0
     W = C * inner
-    cols = <double*>malloc(3 * W * sizeof(double))
-    if cols == NULL:
-        return -1
-    expand_to_columns(mean, C, inner, cols)
-    expand_to_columns(scale, C, inner, cols + W)
-    expand_to_columns(shift, C, inner, cols + 2 * W)
+    if inner > 1:  # per-column copies of the parameters; for (N, C) they are per-channel
+        cols = <double*>malloc(3 * W * sizeof(double))
+        if cols == NULL:
+            return -1
+        expand_to_columns(mean, C, inner, cols)
+        expand_to_columns(scale, C, inner, cols + W)
+        expand_to_columns(shift, C, inner, cols + 2 * W)
+        m_cols, s_cols, b_cols = cols, cols + W, cols + 2 * W
     rows_per_chunk = max(<Py_ssize_t>1, UNIT_ELEMS // W)
     n_chunks = ceil_div(outer, rows_per_chunk)
-    for k in prange(n_chunks, schedule='static',
-                    num_threads=team_size(num_threads, n_chunks)):
-        for r in range(k * rows_per_chunk, min(outer, (k + 1) * rows_per_chunk)):
-            xrun = xp + r * W
-            yrun = yp + r * W
-            for j in range(W):
-                yrun[j] = <floating>((xrun[j] - cols[j]) * cols[W + j] + cols[2 * W + j])
+    num_threads = team_size(num_threads, n_chunks)
+    if num_threads == 1:
+        normalize_rows(xp, yp, W, 0, outer, m_cols, s_cols, b_cols)
+    else:
+        for k in prange(n_chunks, schedule='static', num_threads=num_threads):
+            normalize_rows(xp, yp, W, k * rows_per_chunk,
+                           min(outer, (k + 1) * rows_per_chunk), m_cols, s_cols, b_cols)
     free(cols)
     return 0
 
@@ -438,6 +489,30 @@ def fuses_training_forward(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
     return fuses(outer, C, inner, itemsize)
 
 
+cdef inline void train_forward_channel(const floating* xp, Py_ssize_t outer,
+                                       Py_ssize_t C, Py_ssize_t inner, Py_ssize_t c,
+                                       const double* weight, const double* bias,
+                                       double eps,
+                                       double* mean,     # OUT, slot c
+                                       double* var,      # OUT, slot c
+                                       double* invstd,   # OUT, slot c
+                                       floating* yp) noexcept nogil:
+    """Channel c of the fused training forward: statistics, then normalization."""
+    cdef Py_ssize_t o
+    cdef double m, v, inv, s, b
+    planar_stats_unit(xp, C, inner, c, 0, outer, &mean[c], &var[c])
+    m = mean[c]
+    v = var[c] / (<double>outer * inner)
+    inv = 1.0 / sqrt(v + eps)
+    var[c] = v
+    invstd[c] = inv
+    s = inv * weight[c]
+    b = bias[c]
+    for o in range(outer):
+        normalize_run(xp + (o * C + c) * inner, yp + (o * C + c) * inner,
+                      inner, m, s, b)
+
+
 cdef void train_forward_fused_impl(const floating* xp, Py_ssize_t outer,
                                    Py_ssize_t C, Py_ssize_t inner,
                                    const double* weight,  # IN (C,)
@@ -451,22 +526,16 @@ cdef void train_forward_fused_impl(const floating* xp, Py_ssize_t outer,
     """Statistics and normalization channel by channel, so that each channel is
     read from memory once and re-read from cache. Only for shapes where
     fuses() is true."""
-    cdef Py_ssize_t c, o
-    cdef double m, v, inv, s, b
-    for c in prange(C, schedule='static', num_threads=team_size(num_threads, C)):
-        # Outputs go straight to this channel's slots: a local whose
-        # address is taken would be shared between threads by prange.
-        planar_stats_unit(xp, C, inner, c, 0, outer, &mean[c], &var[c])
-        m = mean[c]
-        v = var[c] / (<double>outer * inner)
-        inv = 1.0 / sqrt(v + eps)
-        var[c] = v
-        invstd[c] = inv
-        s = inv * weight[c]
-        b = bias[c]
-        for o in range(outer):
-            normalize_run(xp + (o * C + c) * inner, yp + (o * C + c) * inner,
-                          inner, m, s, b)
+    cdef Py_ssize_t c
+    num_threads = team_size(num_threads, C)
+    if num_threads == 1:
+        for c in range(C):
+            train_forward_channel(xp, outer, C, inner, c, weight, bias, eps,
+                                  mean, var, invstd, yp)
+    else:
+        for c in prange(C, schedule='static', num_threads=num_threads):
+            train_forward_channel(xp, outer, C, inner, c, weight, bias, eps,
+                                  mean, var, invstd, yp)
 
 
 def train_forward_fused(const floating[:, :, ::1] x,
@@ -530,6 +599,36 @@ cdef void interleaved_grad_sums_unit(const floating* dy, const floating* x,
             dotp_out[j] += (x[offset + j] - mean_cols[j_start + j]) * dy[offset + j]
 
 
+cdef inline void planar_grad_sums_chunk(const floating* dy, const floating* x,
+                                        Py_ssize_t outer, Py_ssize_t C,
+                                        Py_ssize_t inner, Py_ssize_t per_unit,
+                                        Py_ssize_t n_chunks, Py_ssize_t u,
+                                        const double* mean,
+                                        double* part_s,   # OUT, slot u
+                                        double* part_p    # OUT, slot u
+                                        ) noexcept nogil:
+    """Unit u of the planar walk: chunk u % n_chunks of channel u // n_chunks."""
+    cdef Py_ssize_t c = u // n_chunks, o_start = (u % n_chunks) * per_unit
+    planar_grad_sums_unit(dy, x, C, inner, c, o_start, min(outer, o_start + per_unit),
+                          mean[c], &part_s[u], &part_p[u])
+
+
+cdef inline void interleaved_grad_sums_tile(const floating* dy, const floating* x,
+                                            Py_ssize_t outer, Py_ssize_t W,
+                                            Py_ssize_t rows_per_chunk,
+                                            Py_ssize_t n_tiles, Py_ssize_t u,
+                                            const double* mean_cols,
+                                            double* part_s,   # OUT (n_chunks, W)
+                                            double* part_p    # OUT (n_chunks, W)
+                                            ) noexcept nogil:
+    """Unit u of the interleaved walk: row chunk u // n_tiles, column tile u % n_tiles."""
+    cdef Py_ssize_t k = u // n_tiles, j_start = (u % n_tiles) * TILE_COLS
+    interleaved_grad_sums_unit(dy, x, W, mean_cols,
+                               k * rows_per_chunk, min(outer, (k + 1) * rows_per_chunk),
+                               j_start, min(W, j_start + TILE_COLS),
+                               part_s + k * W + j_start, part_p + k * W + j_start)
+
+
 cdef int grad_sums_impl(const floating* dyp, const floating* xp,
                         Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
                         const double* mean,   # IN (C,)
@@ -553,13 +652,15 @@ cdef int grad_sums_impl(const floating* dyp, const floating* xp,
         if part_s == NULL or part_p == NULL:
             status = -1
         else:
-            for u in prange(n_units, schedule='static',
-                            num_threads=team_size(num_threads, n_units)):
-                c = u // n_chunks
-                k = u % n_chunks
-                planar_grad_sums_unit(dyp, xp, C, inner, c, k * per_unit,
-                                      min(outer, (k + 1) * per_unit), mean[c],
-                                      &part_s[u], &part_p[u])
+            num_threads = team_size(num_threads, n_units)
+            if num_threads == 1:
+                for u in range(n_units):
+                    planar_grad_sums_chunk(dyp, xp, outer, C, inner, per_unit,
+                                           n_chunks, u, mean, part_s, part_p)
+            else:
+                for u in prange(n_units, schedule='static', num_threads=num_threads):
+                    planar_grad_sums_chunk(dyp, xp, outer, C, inner, per_unit,
+                                           n_chunks, u, mean, part_s, part_p)
             for c in range(C):
                 s = 0
                 p = 0
@@ -576,20 +677,23 @@ cdef int grad_sums_impl(const floating* dyp, const floating* xp,
         n_units = n_chunks * n_tiles
         part_s = <double*>malloc(n_chunks * W * sizeof(double))
         part_p = <double*>malloc(n_chunks * W * sizeof(double))
-        mean_cols = <double*>malloc(W * sizeof(double))
-        if part_s == NULL or part_p == NULL or mean_cols == NULL:
+        if inner > 1:  # per-column means; for (N, C) they are the per-channel ones
+            mean_cols = <double*>malloc(W * sizeof(double))
+        if part_s == NULL or part_p == NULL or (inner > 1 and mean_cols == NULL):
             status = -1
         else:
-            expand_to_columns(mean, C, inner, mean_cols)
-            for u in prange(n_units, schedule='static',
-                            num_threads=team_size(num_threads, n_units)):
-                k = u // n_tiles
-                j_start = (u % n_tiles) * TILE_COLS
-                interleaved_grad_sums_unit(
-                    dyp, xp, W, mean_cols,
-                    k * rows_per_chunk, min(outer, (k + 1) * rows_per_chunk),
-                    j_start, min(W, j_start + TILE_COLS),
-                    part_s + k * W + j_start, part_p + k * W + j_start)
+            if inner > 1:
+                expand_to_columns(mean, C, inner, mean_cols)
+                mean = mean_cols
+            num_threads = team_size(num_threads, n_units)
+            if num_threads == 1:
+                for u in range(n_units):
+                    interleaved_grad_sums_tile(dyp, xp, outer, W, rows_per_chunk,
+                                               n_tiles, u, mean, part_s, part_p)
+            else:
+                for u in prange(n_units, schedule='static', num_threads=num_threads):
+                    interleaved_grad_sums_tile(dyp, xp, outer, W, rows_per_chunk,
+                                               n_tiles, u, mean, part_s, part_p)
             for c in range(C):
                 s = 0
                 p = 0
@@ -620,6 +724,31 @@ def grad_sums(const floating[:, :, ::1] dy,
     check_scratch(status)
 
 
+cdef inline void grad_input_run(const floating* dy, const floating* x,
+                                floating* dx, Py_ssize_t offset, Py_ssize_t n,
+                                double mean, double mean_dy, double proj,
+                                double scale) noexcept nogil:
+    """One channel's contiguous run of the training-mode input gradient."""
+    cdef Py_ssize_t i
+    for i in range(offset, offset + n):
+        dx[i] = <floating>((dy[i] - mean_dy - (x[i] - mean) * proj) * scale)
+
+
+cdef inline void grad_input_rows(const floating* dy, const floating* x,
+                                 floating* dx, Py_ssize_t W,
+                                 Py_ssize_t r_start, Py_ssize_t r_stop,
+                                 const double* m_cols, const double* mdy_cols,
+                                 const double* q_cols, const double* s_cols) noexcept nogil:
+    """Rows r_start:r_stop of the interleaved walk, with per-column parameters."""
+    cdef Py_ssize_t r, j, offset
+    for r in range(r_start, r_stop):
+        offset = r * W
+        for j in range(W):
+            dx[offset + j] = <floating>(
+                (dy[offset + j] - mdy_cols[j] - (x[offset + j] - m_cols[j]) * q_cols[j])
+                * s_cols[j])
+
+
 cdef int grad_input_impl(const floating* dyp, const floating* xp,
                          Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
                          const double* mean,      # IN (C,)
@@ -630,38 +759,39 @@ cdef int grad_input_impl(const floating* dyp, const floating* xp,
                          int num_threads) noexcept nogil:
     """Training-mode input gradient: dx = (dy - mean_dy - (x - mean) * proj) * scale.
     Returns 0, or -1 when scratch space cannot be allocated."""
-    cdef Py_ssize_t seg, i, r, j, k, W, rows_per_chunk, n_chunks, offset
-    cdef double m, mdy, q, s
-    cdef double* cols
+    cdef Py_ssize_t seg, k, W, rows_per_chunk, n_chunks
+    cdef double* cols = NULL
     if planar_walk(outer, C, inner):
-        for seg in prange(outer * C, schedule='static',
-                          num_threads=team_size(num_threads, outer * C)):
-            m = mean[seg % C]
-            mdy = mean_dy[seg % C]
-            q = proj[seg % C]
-            s = scale[seg % C]
-            offset = seg * inner
-            for i in range(offset, offset + inner):
-                dxp[i] = <floating>((dyp[i] - mdy - (xp[i] - m) * q) * s)
+        num_threads = team_size(num_threads, outer * C)
+        if num_threads == 1:
+            for seg in range(outer * C):
+                grad_input_run(dyp, xp, dxp, seg * inner, inner, mean[seg % C],
+                               mean_dy[seg % C], proj[seg % C], scale[seg % C])
+        else:
+            for seg in prange(outer * C, schedule='static', num_threads=num_threads):
+                grad_input_run(dyp, xp, dxp, seg * inner, inner, mean[seg % C],
+                               mean_dy[seg % C], proj[seg % C], scale[seg % C])
         return 0
     W = C * inner
-    cols = <double*>malloc(4 * W * sizeof(double))
-    if cols == NULL:
-        return -1
-    expand_to_columns(mean, C, inner, cols)
-    expand_to_columns(mean_dy, C, inner, cols + W)
-    expand_to_columns(proj, C, inner, cols + 2 * W)
-    expand_to_columns(scale, C, inner, cols + 3 * W)
+    if inner > 1:  # per-column copies of the parameters; for (N, C) they are per-channel
+        cols = <double*>malloc(4 * W * sizeof(double))
+        if cols == NULL:
+            return -1
+        expand_to_columns(mean, C, inner, cols)
+        expand_to_columns(mean_dy, C, inner, cols + W)
+        expand_to_columns(proj, C, inner, cols + 2 * W)
+        expand_to_columns(scale, C, inner, cols + 3 * W)
+        mean, mean_dy, proj, scale = cols, cols + W, cols + 2 * W, cols + 3 * W
     rows_per_chunk = max(<Py_ssize_t>1, UNIT_ELEMS // W)
     n_chunks = ceil_div(outer, rows_per_chunk)
-    for k in prange(n_chunks, schedule='static',
-                    num_threads=team_size(num_threads, n_chunks)):
-        for r in range(k * rows_per_chunk, min(outer, (k + 1) * rows_per_chunk)):
-            offset = r * W
-            for j in range(W):
-                dxp[offset + j] = <floating>(
-                    (dyp[offset + j] - cols[W + j]
-                     - (xp[offset + j] - cols[j]) * cols[2 * W + j]) * cols[3 * W + j])
+    num_threads = team_size(num_threads, n_chunks)
+    if num_threads == 1:
+        grad_input_rows(dyp, xp, dxp, W, 0, outer, mean, mean_dy, proj, scale)
+    else:
+        for k in prange(n_chunks, schedule='static', num_threads=num_threads):
+            grad_input_rows(dyp, xp, dxp, W, k * rows_per_chunk,
+                            min(outer, (k + 1) * rows_per_chunk),
+                            mean, mean_dy, proj, scale)
     free(cols)
     return 0
 
