@@ -16,7 +16,7 @@
 
 cimport numpy as cnp
 from cpython.float cimport PyFloat_AsDouble, PyFloat_CheckExact
-from cpython.long cimport PyLong_AsDouble, PyLong_AsLong, PyLong_CheckExact
+from cpython.long cimport PyLong_AsLongAndOverflow, PyLong_CheckExact
 from libc.math cimport isfinite
 
 cnp.import_array()
@@ -84,7 +84,7 @@ cdef inline bint plain_float_array(object a) noexcept:
 cdef bint plain_input(object x, object axis, int min_ndim, int max_ndim,
                       Block* block) noexcept:
     """True, with ``block`` filled in, when ``x`` and ``axis`` are the plain case."""
-    cdef int ndim, k
+    cdef int ndim, k, overflow = 0
     cdef long ax
     cdef cnp.npy_intp* dims
     if not plain_float_array(x) or not PyLong_CheckExact(axis):
@@ -92,9 +92,8 @@ cdef bint plain_input(object x, object axis, int min_ndim, int max_ndim,
     ndim = cnp.PyArray_NDIM(<cnp.ndarray>x)
     if ndim < min_ndim or ndim > max_ndim:
         return False
-    ax = PyLong_AsLong(axis)
-    if ax == -1 and PyErr_Occurred():  # beyond a C long: the general path reports it
-        PyErr_Clear()
+    ax = PyLong_AsLongAndOverflow(axis, &overflow)
+    if overflow:  # beyond a C long: the general path reports it
         return False
     if ax < -ndim or ax >= ndim:
         return False
@@ -163,23 +162,20 @@ cdef bint plain_number(object v, double low, double high, bint low_open,
                        double* value) noexcept:
     """An exact Python float or int within [low, high] ((low, high] when
     low_open), finite."""
+    cdef int overflow = 0
+    cdef long integer
     if PyFloat_CheckExact(v):
         value[0] = PyFloat_AsDouble(v)
     elif PyLong_CheckExact(v):
-        value[0] = PyLong_AsDouble(v)
-        if value[0] == -1.0 and PyErr_Occurred():  # too large for a double
-            PyErr_Clear()
+        integer = PyLong_AsLongAndOverflow(v, &overflow)
+        if overflow:  # out of any range cbn accepts anyway
             return False
+        value[0] = <double>integer
     else:
         return False
     if not isfinite(value[0]) or value[0] > high or value[0] < low:
         return False
     return not (low_open and value[0] == low)
-
-
-cdef extern from "Python.h":
-    object PyErr_Occurred()
-    void PyErr_Clear()
 
 
 cdef inline char* span_start(object a) noexcept:
