@@ -24,11 +24,13 @@
 # its own partial results, and partials are merged in a fixed order after the
 # parallel region. Results are therefore bit-identical for any thread count.
 #
-# Accuracy: statistics accumulate in double. Each block of at most ``BLOCK``
-# elements is reduced two-pass (mean, then squared deviations from that mean)
-# while it sits in L1, and blocks are combined with Chan et al.'s pairwise
-# update, so a huge mean relative to the spread does not cancel. Elementwise
-# kernels subtract the mean in double before scaling.
+# Accuracy: statistics accumulate in double, and a huge mean relative to the
+# spread never cancels. The planar walk reduces each run of at most ``BLOCK``
+# elements two-pass (mean, then squared deviations from it) while it sits in
+# L1; the interleaved walk sums each unit's deviations from its first row (a
+# value within the spread) in one pass. Partial results combine with Chan et
+# al.'s pairwise update. Elementwise kernels subtract the mean in double
+# before scaling.
 
 
 from cython cimport floating
@@ -45,9 +47,9 @@ cdef extern from "_omp_compat.h" nogil:
 cdef enum:
     PLANAR_MIN_INNER = 32  # runs at least this long are walked one by one
     BLOCK = 2048           # elements reduced two-pass while in L1
-    ROW_BLOCK = 16384      # the same for a block of rows of a column tile (L2)
     UNIT_ELEMS = 65536     # target elements per parallel work unit
-    TILE_COLS = 512        # columns per interleaved work unit
+    TILE_COLS = 4096       # columns per interleaved work unit (whole rows of
+                           # (N, C) for C up to 4096: the reads stream)
     MIN_CHUNK_ROWS = 64    # interleaved units span at least this many rows
     MAX_ROW_CHUNKS = 64    # bounds the number of per-column partials
     LANES = 16             # independent accumulators in contiguous reductions
@@ -205,45 +207,75 @@ cdef void planar_stats_unit(const floating* x, Py_ssize_t C, Py_ssize_t inner,
 cdef void interleaved_stats_unit(const floating* x, Py_ssize_t W,
                                  Py_ssize_t r_start, Py_ssize_t r_stop,
                                  Py_ssize_t j_start, Py_ssize_t j_stop,
-                                 double* block_mean,   # scratch, >= tile width
-                                 double* block_m2,     # scratch, >= tile width
+                                 double* sum_d,        # scratch, 2 * TILE_COLS
                                  double* mean_out,     # OUT, columns j_start:j_stop
                                  double* m2_out        # OUT, columns j_start:j_stop
                                  ) noexcept nogil:
-    cdef Py_ssize_t width = j_stop - j_start
-    cdef Py_ssize_t rows_per_block = max(<Py_ssize_t>1, ROW_BLOCK // width)
-    cdef Py_ssize_t rb, r, j, nb
-    cdef double n_acc = 0, total, delta, d
+    """Statistics of a block of rows and a tile of columns, in one pass over x.
+
+    The rows are summed as deviations from the block's first row, which lies
+    within the data's spread: sums of d = x - shift and d * d in double then
+    lose nothing to a large mean, and m2 = sum(d * d) - sum(d)^2 / n cancels
+    only as much as the shift is off the mean. One read of x, rows streamed
+    whole tiles at a time, keeps this loop at memory speed.
+    """
+    cdef Py_ssize_t width = j_stop - j_start, n = r_stop - r_start, r, j
+    cdef double d0, d1, d2, d3
+    cdef double* shift = sum_d + TILE_COLS
     cdef const floating* row
+    row = x + r_start * W + j_start
     for j in range(width):
-        mean_out[j] = 0
-        m2_out[j] = 0
-    rb = r_start
-    while rb < r_stop:
-        nb = min(rows_per_block, r_stop - rb)
+        shift[j] = row[j]
+        sum_d[j] = 0
+        m2_out[j] = 0  # sum of d * d until the end
+    # The first row's deviations are 0. Four rows at a time keep the
+    # accumulators' memory traffic below that of x.
+    r = r_start + 1
+    while r + 4 <= r_stop:
+        row = x + r * W + j_start
         for j in range(width):
-            block_mean[j] = 0
-            block_m2[j] = 0
-        for r in range(rb, rb + nb):
-            row = x + r * W + j_start
-            for j in range(width):
-                block_mean[j] += row[j]
+            d0 = row[j] - shift[j]
+            d1 = row[W + j] - shift[j]
+            d2 = row[2 * W + j] - shift[j]
+            d3 = row[3 * W + j] - shift[j]
+            sum_d[j] += (d0 + d1) + (d2 + d3)
+            m2_out[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        r += 4
+    while r < r_stop:
+        row = x + r * W + j_start
         for j in range(width):
-            block_mean[j] /= nb
-        for r in range(rb, rb + nb):
-            row = x + r * W + j_start
-            for j in range(width):
-                d = row[j] - block_mean[j]
-                block_m2[j] += d * d
-        # Chan merge of this block into the unit's running columns; every
-        # column shares the counts, so the loop stays branch-free.
+            d0 = row[j] - shift[j]
+            sum_d[j] += d0
+            m2_out[j] += d0 * d0
+        r += 1
+    for j in range(width):
+        mean_out[j] = shift[j] + sum_d[j] / n
+        m2_out[j] = max(m2_out[j] - sum_d[j] * (sum_d[j] / n), 0.0)
+
+
+cdef void merge_row_chunks(double* part_mean,   # IN/OUT (n_chunks, W); row 0 gets the result
+                           double* part_m2,     # IN/OUT (n_chunks, W); row 0 gets the result
+                           Py_ssize_t W, Py_ssize_t outer, Py_ssize_t rows_per_chunk,
+                           Py_ssize_t n_chunks) noexcept nogil:
+    """Chan merge of the per-column statistics of each row chunk, in chunk
+    order. Chunks hold the same count for every column, so the weights are
+    computed once per chunk and the column loop vectorizes."""
+    cdef Py_ssize_t k, j
+    cdef double n_acc = <double>min(outer, rows_per_chunk), nb, total, w_mean, w_m2, delta
+    cdef double* chunk_mean
+    cdef double* chunk_m2
+    for k in range(1, n_chunks):
+        nb = <double>(min(outer, (k + 1) * rows_per_chunk) - k * rows_per_chunk)
         total = n_acc + nb
-        for j in range(width):
-            delta = block_mean[j] - mean_out[j]
-            mean_out[j] = mean_out[j] + delta * (nb / total)
-            m2_out[j] = m2_out[j] + block_m2[j] + delta * delta * (n_acc * nb / total)
+        w_mean = nb / total
+        w_m2 = n_acc * nb / total
+        chunk_mean = part_mean + k * W
+        chunk_m2 = part_m2 + k * W
+        for j in range(W):
+            delta = chunk_mean[j] - part_mean[j]
+            part_mean[j] = part_mean[j] + delta * w_mean
+            part_m2[j] = part_m2[j] + chunk_m2[j] + delta * delta * w_m2
         n_acc = total
-        rb += nb
 
 
 cdef inline void planar_stats_chunk(const floating* xp, Py_ssize_t outer,
@@ -270,7 +302,7 @@ cdef inline void interleaved_stats_tile(const floating* xp, Py_ssize_t outer,
     cdef Py_ssize_t k = u // n_tiles, j_start = (u % n_tiles) * TILE_COLS
     interleaved_stats_unit(xp, W, k * rows_per_chunk, min(outer, (k + 1) * rows_per_chunk),
                            j_start, min(W, j_start + TILE_COLS),
-                           scratch, scratch + TILE_COLS,
+                           scratch,
                            part_mean + k * W + j_start, part_m2 + k * W + j_start)
 
 
@@ -339,17 +371,15 @@ cdef int batch_stats_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
                         interleaved_stats_tile(xp, outer, W, rows_per_chunk, n_tiles, u,
                                                scratch + threadid() * 2 * TILE_COLS,
                                                part_mean, part_m2)
+            # Row chunks merge into chunk 0's columns, then columns into channels.
+            merge_row_chunks(part_mean, part_m2, W, outer, rows_per_chunk, n_chunks)
             for c in range(C):
                 n = 0
                 m = 0
                 m2 = 0
                 for i in range(inner):
                     j = c * inner + i
-                    for k in range(n_chunks):
-                        n_part = <double>(min(outer, (k + 1) * rows_per_chunk)
-                                          - k * rows_per_chunk)
-                        chan_merge(&n, &m, &m2, n_part,
-                                   part_mean[k * W + j], part_m2[k * W + j])
+                    chan_merge(&n, &m, &m2, <double>outer, part_mean[j], part_m2[j])
                 mean[c] = m
                 var[c] = m2 / total
     free(part_mean)
@@ -694,14 +724,17 @@ cdef int grad_sums_impl(const floating* dyp, const floating* xp,
                 for u in prange(n_units, schedule='static', num_threads=num_threads):
                     interleaved_grad_sums_tile(dyp, xp, outer, W, rows_per_chunk,
                                                n_tiles, u, mean, part_s, part_p)
+            # Row chunks add into chunk 0's columns, then columns into channels.
+            for k in range(1, n_chunks):
+                for j in range(W):
+                    part_s[j] = part_s[j] + part_s[k * W + j]
+                    part_p[j] = part_p[j] + part_p[k * W + j]
             for c in range(C):
                 s = 0
                 p = 0
                 for i in range(inner):
-                    j = c * inner + i
-                    for k in range(n_chunks):
-                        s = s + part_s[k * W + j]
-                        p = p + part_p[k * W + j]
+                    s = s + part_s[c * inner + i]
+                    p = p + part_p[c * inner + i]
                 sum_dy[c] = s
                 dotp[c] = p
     free(part_s)
