@@ -10,9 +10,9 @@
 # values) they return None before touching any state, and the Python layer
 # takes its general path, which converts what it can and raises the errors.
 #
-# Both paths compute the same bits: the same kernels, and per-channel
-# arithmetic written in the same order as the NumPy expressions of
-# cbn/functional.py.
+# Both paths compute the same bits: they run the same whole-step kernels
+# (forward_impl, backward_impl); only the running-statistics update is written
+# twice, here and as NumPy in cbn/functional.py, in the same order.
 
 cimport numpy as cnp
 from cpython.float cimport PyFloat_AsDouble, PyFloat_CheckExact
@@ -217,49 +217,21 @@ cdef object plain_output(object out, cnp.ndarray x, object also_read,
 # The computations, on checked arguments
 
 cdef enum:
-    # Rows of the per-channel scratch of one call
-    S_MEAN, S_VAR, S_INVSTD, S_WEIGHT, S_BIAS, S_SCALE, S_ROWS
+    # Rows of the per-channel scratch of a forward call
+    S_MEAN, S_VAR, S_INVSTD, S_WEIGHT, S_BIAS, S_RUNNING_MEAN, S_RUNNING_VAR, S_ROWS
 
 
 cdef int forward_kernels(const void* xp, void* yp, Block b, double eps,
                          bint batch_stats, double* s, int threads) noexcept nogil:
-    """y from x; ``s`` holds S_ROWS rows of C doubles. Batch statistics: fills
-    mean, var and invstd; otherwise mean and var are given (running stats).
-    Returns 0, or -1 when scratch space cannot be allocated."""
-    cdef Py_ssize_t c, C = b.C
-    cdef double* mean = s + S_MEAN * C
-    cdef double* var = s + S_VAR * C
-    cdef double* invstd = s + S_INVSTD * C
-    cdef double* scale = s + S_SCALE * C
-    cdef int status
-    cdef Py_ssize_t itemsize = 4 if b.typenum == cnp.NPY_FLOAT else 8
-    if batch_stats and fuses(b.outer, C, b.inner, itemsize):
-        if b.typenum == cnp.NPY_FLOAT:
-            train_forward_fused_impl(<const float*>xp, b.outer, C, b.inner,
-                                     s + S_WEIGHT * C, s + S_BIAS * C, eps,
-                                     mean, var, invstd, <float*>yp, threads)
-        else:
-            train_forward_fused_impl(<const double*>xp, b.outer, C, b.inner,
-                                     s + S_WEIGHT * C, s + S_BIAS * C, eps,
-                                     mean, var, invstd, <double*>yp, threads)
-        return 0
-    if batch_stats:
-        if b.typenum == cnp.NPY_FLOAT:
-            status = batch_stats_impl(<const float*>xp, b.outer, C, b.inner,
-                                      mean, var, threads)
-        else:
-            status = batch_stats_impl(<const double*>xp, b.outer, C, b.inner,
-                                      mean, var, threads)
-        if status < 0:
-            return status
-    for c in range(C):  # as functional._invstd and _scaled
-        invstd[c] = 1.0 / sqrt(var[c] + eps)
-        scale[c] = invstd[c] * s[S_WEIGHT * C + c]
+    """forward_impl on the rows of ``s`` for the block's dtype."""
+    cdef Py_ssize_t C = b.C
     if b.typenum == cnp.NPY_FLOAT:
-        return normalize_impl(<const float*>xp, b.outer, C, b.inner, mean, scale,
-                              s + S_BIAS * C, <float*>yp, threads)
-    return normalize_impl(<const double*>xp, b.outer, C, b.inner, mean, scale,
-                          s + S_BIAS * C, <double*>yp, threads)
+        return forward_impl(<const float*>xp, b.outer, C, b.inner, s + S_WEIGHT * C,
+                            s + S_BIAS * C, eps, batch_stats, s + S_MEAN * C,
+                            s + S_VAR * C, s + S_INVSTD * C, <float*>yp, threads)
+    return forward_impl(<const double*>xp, b.outer, C, b.inner, s + S_WEIGHT * C,
+                        s + S_BIAS * C, eps, batch_stats, s + S_MEAN * C,
+                        s + S_VAR * C, s + S_INVSTD * C, <double*>yp, threads)
 
 
 cdef void running_update(double* running_mean, double* running_var,
@@ -274,7 +246,7 @@ cdef void running_update(double* running_mean, double* running_var,
         running_var[c] = (1.0 - factor) * running_var[c] + factor * (var[c] * correction)
 
 
-cdef object forward(cnp.ndarray x, Block b, object weight, object bias,
+cdef object plain_forward(cnp.ndarray x, Block b, object weight, object bias,
                     object running_mean, object running_var, double eps,
                     bint batch_stats, bint update, double factor, object out,
                     object save_mean, object save_invstd, object save_weight):
@@ -292,7 +264,7 @@ cdef object forward(cnp.ndarray x, Block b, object weight, object bias,
     if update and not (batch_stats and writable_channels(running_mean, C)
                        and writable_channels(running_var, C)):
         return None
-    s = <double*>malloc((S_ROWS + 2) * C * sizeof(double))
+    s = <double*>malloc(S_ROWS * C * sizeof(double))
     if s == NULL:
         return None
     try:
@@ -304,7 +276,7 @@ cdef object forward(cnp.ndarray x, Block b, object weight, object bias,
                 and read_channels(running_var, C, 0.0, s + S_VAR * C)):
             return None
         if update:
-            running = s + S_ROWS * C  # two rows: running mean and var
+            running = s + S_RUNNING_MEAN * C  # and the running var's row after it
             read_channels(running_mean, C, 0.0, running)
             read_channels(running_var, C, 0.0, running + C)
         y = plain_output(out, x, None,
@@ -334,57 +306,31 @@ cdef object forward(cnp.ndarray x, Block b, object weight, object bias,
 
 cdef enum:
     # Rows of the per-channel scratch of a backward call
-    B_MEAN, B_INVSTD, B_WEIGHT, B_SUM_DY, B_DOTP, B_MEAN_DY, B_PROJ, B_SCALE,
-    B_GRAD_WEIGHT, B_ROWS
+    B_MEAN, B_INVSTD, B_WEIGHT, B_SUM_DY, B_DOTP, B_GRAD_WEIGHT, B_ROWS
 
 
 cdef int backward_kernels(const void* dyp, const void* xp, void* dxp, Block b,
                           bint training, double* s, int threads) noexcept nogil:
-    """dx and the per-channel sums; ``s`` holds B_ROWS rows of C doubles, of
-    which mean, invstd and weight are given. Returns 0, or -1 when scratch
-    space cannot be allocated. Arithmetic as functional._backward."""
-    cdef Py_ssize_t c, C = b.C, n = b.outer * b.inner
-    cdef double* mean = s + B_MEAN * C
-    cdef double* invstd = s + B_INVSTD * C
-    cdef double* sum_dy = s + B_SUM_DY * C
-    cdef double* dotp = s + B_DOTP * C
-    cdef double* mean_dy = s + B_MEAN_DY * C
-    cdef double* proj = s + B_PROJ * C
-    cdef double* scale = s + B_SCALE * C
-    cdef bint f32 = b.typenum == cnp.NPY_FLOAT
+    """backward_impl on the rows of ``s`` for the block's dtype, then
+    grad_weight = dotp * invstd (as functional._backward)."""
+    cdef Py_ssize_t c, C = b.C
     cdef int status
-    if f32:
-        status = grad_sums_impl(<const float*>dyp, <const float*>xp, b.outer, C,
-                                b.inner, mean, sum_dy, dotp, threads)
+    if b.typenum == cnp.NPY_FLOAT:
+        status = backward_impl(<const float*>dyp, <const float*>xp, b.outer, C, b.inner,
+                               s + B_MEAN * C, s + B_INVSTD * C, s + B_WEIGHT * C,
+                               training, s + B_SUM_DY * C, s + B_DOTP * C,
+                               <float*>dxp, threads)
     else:
-        status = grad_sums_impl(<const double*>dyp, <const double*>xp, b.outer, C,
-                                b.inner, mean, sum_dy, dotp, threads)
-    if status < 0:
-        return status
+        status = backward_impl(<const double*>dyp, <const double*>xp, b.outer, C,
+                               b.inner, s + B_MEAN * C, s + B_INVSTD * C,
+                               s + B_WEIGHT * C, training, s + B_SUM_DY * C,
+                               s + B_DOTP * C, <double*>dxp, threads)
     for c in range(C):
-        scale[c] = invstd[c] * s[B_WEIGHT * C + c]
-        mean_dy[c] = sum_dy[c] / <double>n
-        proj[c] = dotp[c] * invstd[c] * invstd[c] / <double>n
-        s[B_GRAD_WEIGHT * C + c] = dotp[c] * invstd[c]
-    if training:
-        if f32:
-            return grad_input_impl(<const float*>dyp, <const float*>xp, b.outer, C,
-                                   b.inner, mean, mean_dy, proj, scale,
-                                   <float*>dxp, threads)
-        return grad_input_impl(<const double*>dyp, <const double*>xp, b.outer, C,
-                               b.inner, mean, mean_dy, proj, scale,
-                               <double*>dxp, threads)
-    # Eval mode: the statistics were constants, dx = dy * scale.
-    for c in range(C):
-        mean_dy[c] = 0
-    if f32:
-        return normalize_impl(<const float*>dyp, b.outer, C, b.inner, mean_dy, scale,
-                              mean_dy, <float*>dxp, threads)
-    return normalize_impl(<const double*>dyp, b.outer, C, b.inner, mean_dy, scale,
-                          mean_dy, <double*>dxp, threads)
+        s[B_GRAD_WEIGHT * C + c] = s[B_DOTP * C + c] * s[B_INVSTD * C + c]
+    return status
 
 
-cdef object backward(cnp.ndarray dy, cnp.ndarray x, Block b, object save_mean,
+cdef object plain_backward(cnp.ndarray dy, cnp.ndarray x, Block b, object save_mean,
                      object save_invstd, object weight, bint training, object out,
                      int grad_typenum):
     """(dx, grad_weight, grad_bias), or None when an argument is not the plain
@@ -448,11 +394,11 @@ def fast_batch_norm(x, running_mean, running_var, weight, bias, training,
             return None
         if not has_running and (running_mean is not None or running_var is not None):
             return None
-        return forward(x, b, weight, bias, running_mean, running_var, eps_c, True,
+        return plain_forward(x, b, weight, bias, running_mean, running_var, eps_c, True,
                        has_running, momentum_c, out, None, None, None)
     if not has_running:
         return None
-    return forward(x, b, weight, bias, running_mean, running_var, eps_c, False,
+    return plain_forward(x, b, weight, bias, running_mean, running_var, eps_c, False,
                    False, 0.0, out, None, None, None)
 
 
@@ -465,7 +411,7 @@ def fast_batch_norm_forward(x, weight, bias, eps, axis, out):
         return None
     save_mean = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&b.C, cnp.NPY_DOUBLE, 0)
     save_invstd = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&b.C, cnp.NPY_DOUBLE, 0)
-    y = forward(x, b, weight, bias, None, None, eps_c, True, False, 0.0, out,
+    y = plain_forward(x, b, weight, bias, None, None, eps_c, True, False, 0.0, out,
                 save_mean, save_invstd, None)
     if y is None:
         return None
@@ -483,7 +429,7 @@ def fast_layer_forward(x, axis, int min_ndim, int max_ndim, Py_ssize_t num_chann
     if (not plain_input(x, axis, min_ndim, max_ndim, &b) or b.C != num_channels
             or not plain_number(eps, 0.0, 1e308, True, &eps_c)):
         return None
-    return forward(x, b, weight, bias, running_mean, running_var, eps_c, batch_stats,
+    return plain_forward(x, b, weight, bias, running_mean, running_var, eps_c, batch_stats,
                    update, factor, None, save_mean, save_invstd, save_weight)
 
 
@@ -504,7 +450,7 @@ def fast_backward(dy, x, axis, save_mean, save_invstd, weight, training, out,
         grad_typenum = cnp.NPY_DOUBLE
     else:
         return None
-    return backward(dy, x, b, save_mean, save_invstd, weight, training, out,
+    return plain_backward(dy, x, b, save_mean, save_invstd, weight, training, out,
                     grad_typenum)
 
 

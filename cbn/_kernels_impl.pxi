@@ -485,38 +485,22 @@ cdef int normalize_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
     return 0
 
 
-def normalize(const floating[:, :, ::1] x,
-              const double[::1] mean,
-              const double[::1] scale,
-              const double[::1] shift,
-              floating[:, :, ::1] out,     # OUT, may be x itself
-              int num_threads):
-    cdef int status
-    with nogil:
-        status = normalize_impl(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2],
-                                &mean[0], &scale[0], &shift[0], &out[0, 0, 0],
-                                num_threads)
-    check_scratch(status)
-
-
 # ---------------------------------------------------------------------------
 # 1+2 fused: training forward with each channel's data still in cache
 
 cdef enum:
-    FUSED_MAX_BYTES = 1 << 20  # a channel this small stays in L2 between passes
+    # A channel's data this small is still in cache (L2, or the L3 share of a
+    # thread) when the second pass over it starts.
+    FUSED_MAX_BYTES = 1 << 20
 
 
 cdef inline bint fuses(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
-                       Py_ssize_t itemsize) noexcept nogil:
+                       Py_ssize_t channel_bytes) noexcept nogil:
+    """Whether a two-pass step runs channel by channel: planar walk, the
+    channel's data (``channel_bytes`` per value, all arrays read) fits in
+    cache, and there are enough channels to share among threads."""
     return (planar_walk(outer, C, inner) and C >= 2
-            and outer * inner * itemsize <= FUSED_MAX_BYTES)
-
-
-def fuses_training_forward(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
-                           Py_ssize_t itemsize):
-    """Whether train_forward_fused handles this shape (planar walk, a channel
-    fits in L2, and enough channels to share among threads)."""
-    return fuses(outer, C, inner, itemsize)
+            and outer * inner * channel_bytes <= FUSED_MAX_BYTES)
 
 
 cdef inline void train_forward_channel(const floating* xp, Py_ssize_t outer,
@@ -566,21 +550,6 @@ cdef void train_forward_fused_impl(const floating* xp, Py_ssize_t outer,
         for c in prange(C, schedule='static', num_threads=num_threads):
             train_forward_channel(xp, outer, C, inner, c, weight, bias, eps,
                                   mean, var, invstd, yp)
-
-
-def train_forward_fused(const floating[:, :, ::1] x,
-                        const double[::1] weight,
-                        const double[::1] bias,
-                        double eps,
-                        double[::1] mean,      # OUT (C,)
-                        double[::1] var,       # OUT (C,), biased
-                        double[::1] invstd,    # OUT (C,)
-                        floating[:, :, ::1] out,   # OUT, may be x itself
-                        int num_threads):
-    with nogil:
-        train_forward_fused_impl(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2],
-                                 &weight[0], &bias[0], eps, &mean[0], &var[0],
-                                 &invstd[0], &out[0, 0, 0], num_threads)
 
 
 # ---------------------------------------------------------------------------
@@ -743,20 +712,6 @@ cdef int grad_sums_impl(const floating* dyp, const floating* xp,
     return status
 
 
-def grad_sums(const floating[:, :, ::1] dy,
-              const floating[:, :, ::1] x,
-              const double[::1] mean,
-              double[::1] sum_dy,     # OUT (C,): sum of dy
-              double[::1] dotp,       # OUT (C,): sum of (x - mean) * dy
-              int num_threads):
-    cdef int status
-    with nogil:
-        status = grad_sums_impl(&dy[0, 0, 0], &x[0, 0, 0], x.shape[0], x.shape[1],
-                                x.shape[2], &mean[0], &sum_dy[0], &dotp[0],
-                                num_threads)
-    check_scratch(status)
-
-
 cdef inline void grad_input_run(const floating* dy, const floating* x,
                                 floating* dx, Py_ssize_t offset, Py_ssize_t n,
                                 double mean, double mean_dy, double proj,
@@ -829,17 +784,150 @@ cdef int grad_input_impl(const floating* dyp, const floating* xp,
     return 0
 
 
-def grad_input(const floating[:, :, ::1] dy,
-               const floating[:, :, ::1] x,
-               const double[::1] mean,
-               const double[::1] mean_dy,   # sum_dy / n
-               const double[::1] proj,      # dotp * invstd^2 / n
-               const double[::1] scale,     # invstd * weight
-               floating[:, :, ::1] dx,      # OUT, may be dy itself
-               int num_threads):
+cdef inline void backward_channel(const floating* dyp, const floating* xp,
+                                  Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                                  Py_ssize_t c, const double* mean,
+                                  const double* invstd, const double* weight,
+                                  bint training,
+                                  double* sum_dy,   # OUT, slot c
+                                  double* dotp,     # OUT, slot c
+                                  floating* dxp) noexcept nogil:
+    """Channel c of the fused backward: sums, then the input gradient."""
+    cdef Py_ssize_t o, offset, n = outer * inner
+    cdef double scale, mean_dy, proj
+    planar_grad_sums_unit(dyp, xp, C, inner, c, 0, outer, mean[c], &sum_dy[c], &dotp[c])
+    scale = invstd[c] * weight[c]
+    mean_dy = sum_dy[c] / <double>n
+    proj = dotp[c] * invstd[c] * invstd[c] / <double>n
+    for o in range(outer):
+        offset = (o * C + c) * inner
+        if training:
+            grad_input_run(dyp, xp, dxp, offset, inner, mean[c], mean_dy, proj, scale)
+        else:
+            normalize_run(dyp + offset, dxp + offset, inner, 0.0, scale, 0.0)
+
+
+# ---------------------------------------------------------------------------
+# 5. Whole steps: what the Python layer and the fast entry points call. The
+# per-channel arithmetic between kernels lives here only.
+
+cdef int forward_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
+                      Py_ssize_t inner,
+                      const double* weight,  # IN (C,)
+                      const double* bias,    # IN (C,)
+                      double eps, bint batch_stats,
+                      double* mean,          # OUT (C,) batch mean; IN running mean
+                      double* var,           # OUT (C,) biased batch var; IN running var
+                      double* invstd,        # OUT (C,)
+                      floating* yp,          # OUT, may be xp itself
+                      int num_threads) noexcept nogil:
+    """y = (x - mean) * invstd * weight + bias, with the batch statistics
+    (computed here) or given running ones. Returns 0, or -1 when scratch space
+    cannot be allocated."""
+    cdef Py_ssize_t c
+    cdef double* scale
+    cdef int status
+    if batch_stats and fuses(outer, C, inner, sizeof(floating)):
+        train_forward_fused_impl(xp, outer, C, inner, weight, bias, eps, mean, var,
+                                 invstd, yp, num_threads)
+        return 0
+    if batch_stats:
+        status = batch_stats_impl(xp, outer, C, inner, mean, var, num_threads)
+        if status < 0:
+            return status
+    scale = <double*>malloc(C * sizeof(double))
+    if scale == NULL:
+        return -1
+    for c in range(C):
+        invstd[c] = 1.0 / sqrt(var[c] + eps)
+        scale[c] = invstd[c] * weight[c]
+    status = normalize_impl(xp, outer, C, inner, mean, scale, bias, yp, num_threads)
+    free(scale)
+    return status
+
+
+cdef int backward_impl(const floating* dyp, const floating* xp, Py_ssize_t outer,
+                       Py_ssize_t C, Py_ssize_t inner,
+                       const double* mean,     # IN (C,): the forward's
+                       const double* invstd,   # IN (C,): the forward's
+                       const double* weight,   # IN (C,)
+                       bint training,
+                       double* sum_dy,         # OUT (C,): sum of dy
+                       double* dotp,           # OUT (C,): sum of (x - mean) * dy
+                       floating* dxp,          # OUT, may be dyp or xp itself
+                       int num_threads) noexcept nogil:
+    """Input gradient and per-channel sums. training: the forward used batch
+    statistics, so dx = (dy - mean(dy) - (x - mean) * dotp * invstd^2 / n)
+    * invstd * weight; otherwise the statistics were constants and dx = dy *
+    invstd * weight. Returns 0, or -1 when scratch space cannot be allocated."""
+    cdef Py_ssize_t c, n = outer * inner
+    cdef double* s
+    cdef int status
+    if fuses(outer, C, inner, 2 * sizeof(floating)):
+        num_threads = team_size(num_threads, C)
+        if num_threads == 1:
+            for c in range(C):
+                backward_channel(dyp, xp, outer, C, inner, c, mean, invstd, weight,
+                                 training, sum_dy, dotp, dxp)
+        else:
+            for c in prange(C, schedule='static', num_threads=num_threads):
+                backward_channel(dyp, xp, outer, C, inner, c, mean, invstd, weight,
+                                 training, sum_dy, dotp, dxp)
+        return 0
+    status = grad_sums_impl(dyp, xp, outer, C, inner, mean, sum_dy, dotp, num_threads)
+    if status < 0:
+        return status
+    s = <double*>malloc(3 * C * sizeof(double))  # scale, mean_dy, proj
+    if s == NULL:
+        return -1
+    for c in range(C):
+        s[c] = invstd[c] * weight[c]
+        s[C + c] = sum_dy[c] / <double>n
+        s[2 * C + c] = dotp[c] * invstd[c] * invstd[c] / <double>n
+    if training:
+        status = grad_input_impl(dyp, xp, outer, C, inner, mean, s + C, s + 2 * C, s,
+                                 dxp, num_threads)
+    else:
+        for c in range(C):
+            s[C + c] = 0
+        status = normalize_impl(dyp, outer, C, inner, s + C, s, s + C, dxp, num_threads)
+    free(s)
+    return status
+
+
+def forward(const floating[:, :, ::1] x,
+            const double[::1] weight,
+            const double[::1] bias,
+            double eps,
+            bint batch_stats,
+            double[::1] mean,      # OUT batch mean, or IN running mean
+            double[::1] var,       # OUT biased batch var, or IN running var
+            double[::1] invstd,    # OUT
+            floating[:, :, ::1] out,   # OUT, may be x itself
+            int num_threads):
+    """forward_impl for a non-empty (outer, C, inner) view."""
     cdef int status
     with nogil:
-        status = grad_input_impl(&dy[0, 0, 0], &x[0, 0, 0], x.shape[0], x.shape[1],
-                                 x.shape[2], &mean[0], &mean_dy[0], &proj[0],
-                                 &scale[0], &dx[0, 0, 0], num_threads)
+        status = forward_impl(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2],
+                              &weight[0], &bias[0], eps, batch_stats, &mean[0],
+                              &var[0], &invstd[0], &out[0, 0, 0], num_threads)
+    check_scratch(status)
+
+
+def backward(const floating[:, :, ::1] dy,
+             const floating[:, :, ::1] x,
+             const double[::1] mean,
+             const double[::1] invstd,
+             const double[::1] weight,
+             bint training,
+             double[::1] sum_dy,       # OUT
+             double[::1] dotp,         # OUT
+             floating[:, :, ::1] dx,   # OUT, may be dy or x itself
+             int num_threads):
+    """backward_impl for a non-empty (outer, C, inner) view."""
+    cdef int status
+    with nogil:
+        status = backward_impl(&dy[0, 0, 0], &x[0, 0, 0], x.shape[0], x.shape[1],
+                               x.shape[2], &mean[0], &invstd[0], &weight[0], training,
+                               &sum_dy[0], &dotp[0], &dx[0, 0, 0], num_threads)
     check_scratch(status)

@@ -41,26 +41,6 @@ def _stats(view):
     return mean, var
 
 
-def _invstd(var, eps):
-    return 1.0 / np.sqrt(var + eps)
-
-
-def _normalize(view, mean, scale, shift, output):
-    """output <- (x - mean) * scale + shift, per channel."""
-    if view.size:
-        kernels.normalize(view.data, mean, scale, shift, output.kernel_out,
-                          threads_for(view.size))
-    return output.finish()
-
-
-def _scaled(invstd, weight):
-    return invstd if weight is None else invstd * weight
-
-
-def _shift(bias, num_channels):
-    return np.zeros(num_channels) if bias is None else bias
-
-
 def _check_training_size(view):
     # PyTorch's rule: one value per channel has no variance to normalize by.
     if view.values_per_channel == 1:
@@ -70,31 +50,39 @@ def _check_training_size(view):
         )
 
 
+def _or_filled(vector, num_channels, fill):
+    """A per-channel vector, or ``fill`` everywhere for None (weight 1, bias 0)."""
+    return np.full(num_channels, fill) if vector is None else vector
+
+
 def _train_forward(view, weight, bias, eps, output):
     """Normalize with batch statistics; returns (y, mean, var, invstd) in float64."""
-    outer, num_channels, inner = view.data.shape
-    if view.size and kernels.fuses_training_forward(outer, num_channels, inner,
-                                                    view.data.itemsize):
-        mean, var, invstd = (np.empty(num_channels) for _ in range(3))
-        kernels.train_forward_fused(
-            view.data, np.ones(num_channels) if weight is None else weight,
-            _shift(bias, num_channels), eps, mean, var, invstd,
-            output.kernel_out, threads_for(view.size))
-        return output.finish(), mean, var, invstd
-    mean, var = _stats(view)
-    invstd = _invstd(var, eps)
-    y = _normalize(view, mean, _scaled(invstd, weight),
-                   _shift(bias, num_channels), output)
-    return y, mean, var, invstd
+    num_channels = view.num_channels
+    mean, var, invstd = (np.empty(num_channels) for _ in range(3))
+    if view.size:
+        kernels.forward(view.data, _or_filled(weight, num_channels, 1.0),
+                        _or_filled(bias, num_channels, 0.0), eps, True, mean, var,
+                        invstd, output.kernel_out, threads_for(view.size))
+    else:  # an empty batch: no statistics
+        mean.fill(np.nan)
+        var.fill(np.nan)
+        invstd.fill(np.nan)
+    return output.finish(), mean, var, invstd
 
 
 def _eval_forward(view, running_mean, running_var, weight, bias, eps, output):
     """Normalize with given (running) statistics, all float64 vectors.
     Returns (y, invstd)."""
-    invstd = _invstd(running_var, eps)
-    y = _normalize(view, running_mean, _scaled(invstd, weight),
-                   _shift(bias, view.num_channels), output)
-    return y, invstd
+    num_channels = view.num_channels
+    invstd = np.empty(num_channels)
+    if view.size:
+        kernels.forward(view.data, _or_filled(weight, num_channels, 1.0),
+                        _or_filled(bias, num_channels, 0.0), eps, False,
+                        np.array(running_mean), np.array(running_var), invstd,
+                        output.kernel_out, threads_for(view.size))
+    else:
+        invstd[...] = 1.0 / np.sqrt(running_var + eps)
+    return output.finish(), invstd
 
 
 def _update_running(running_mean, running_var, mean, var, n, factor):
@@ -124,17 +112,8 @@ def _backward(dy, view, mean, invstd, weight, training, output):
         return output.finish(), np.zeros(num_channels), np.zeros(num_channels)
     sum_dy = np.empty(num_channels)
     dotp = np.empty(num_channels)
-    n = view.values_per_channel
-    threads = threads_for(view.size)
-    kernels.grad_sums(dy, view.data, mean, sum_dy, dotp, threads)
-    scale = _scaled(invstd, weight)
-    if training:
-        kernels.grad_input(dy, view.data, mean, sum_dy / n,
-                           dotp * invstd * invstd / n, scale,
-                           output.kernel_out, threads)
-    else:
-        kernels.normalize(dy, np.zeros(num_channels), scale,
-                          np.zeros(num_channels), output.kernel_out, threads)
+    kernels.backward(dy, view.data, mean, invstd, _or_filled(weight, num_channels, 1.0),
+                     training, sum_dy, dotp, output.kernel_out, threads_for(view.size))
     return output.finish(), dotp * invstd, sum_dy
 
 

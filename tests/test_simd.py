@@ -24,15 +24,22 @@ def all_kernel_results(kernels, x, dy, axis):
     num_channels = view.num_channels
     mean, var = np.empty(num_channels), np.empty(num_channels)
     kernels.batch_stats(view.data, mean, var, 2)
-    y = np.empty_like(view.data)
-    kernels.normalize(view.data, mean, 1 / np.sqrt(var + 1e-5),
-                      np.full(num_channels, 0.5), y, 2)
-    sum_dy, dotp = np.empty(num_channels), np.empty(num_channels)
-    kernels.grad_sums(dy, view.data, mean, sum_dy, dotp, 2)
-    dx = np.empty_like(view.data)
-    kernels.grad_input(dy, view.data, mean, sum_dy / 7, dotp / 9,
-                       np.full(num_channels, 1.3), dx, 2)
-    return [mean, var, y, sum_dy, dotp, dx]
+    weight, bias = np.full(num_channels, 1.3), np.full(num_channels, 0.5)
+    results = [mean, var]
+    for batch_stats in (True, False):
+        stats = [np.empty(num_channels) if batch_stats else mean.copy(),
+                 np.empty(num_channels) if batch_stats else var.copy(),
+                 np.empty(num_channels)]
+        y = np.empty_like(view.data)
+        kernels.forward(view.data, weight, bias, 1e-5, batch_stats, *stats, y, 2)
+        results += stats + [y]
+    for training in (True, False):
+        sum_dy, dotp = np.empty(num_channels), np.empty(num_channels)
+        dx = np.empty_like(view.data)
+        kernels.backward(dy, view.data, mean, 1 / np.sqrt(var + 1e-5), weight,
+                         training, sum_dy, dotp, dx, 2)
+        results += [sum_dy, dotp, dx]
+    return results
 
 
 def test_the_baseline_build_is_always_there():
