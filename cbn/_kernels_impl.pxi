@@ -44,6 +44,11 @@ cdef extern from "_omp_compat.h" nogil:
     int cbn_max_threads()
 
 
+cdef extern from "_stream.h" nogil:
+    void cbn_stream_copy(void* dst, const void* src, size_t nbytes)
+    void cbn_stream_fence()
+
+
 cdef enum:
     PLANAR_MIN_INNER = 32  # runs at least this long are walked one by one
     BLOCK = 2048           # elements reduced two-pass while in L1
@@ -53,6 +58,11 @@ cdef enum:
     MIN_CHUNK_ROWS = 64    # interleaved units span at least this many rows
     MAX_ROW_CHUNKS = 64    # bounds the number of per-column partials
     LANES = 16             # independent accumulators in contiguous reductions
+    STAGE = 512            # outputs computed into an L1 buffer per streaming copy
+    # Outputs this large bypass the cache (streaming stores): they would not
+    # survive in it until the next layer reads them anyway, and normal stores
+    # would read every output line first and evict the input being re-read.
+    STREAM_MIN_BYTES = 16 << 20
 
 
 def simd_target():
@@ -63,6 +73,11 @@ def simd_target():
 def openmp_enabled():
     """True when the extension was compiled with OpenMP."""
     return bool(cbn_openmp_enabled())
+
+
+def stream_min_bytes():
+    """Outputs of at least this many bytes are written with streaming stores."""
+    return STREAM_MIN_BYTES
 
 
 def max_threads():
@@ -105,6 +120,11 @@ cdef inline Py_ssize_t interleaved_rows_per_chunk(Py_ssize_t rows,
     cdef Py_ssize_t width = min(cols, <Py_ssize_t>TILE_COLS)
     cdef Py_ssize_t r = max(<Py_ssize_t>MIN_CHUNK_ROWS, ceil_div(UNIT_ELEMS, width))
     return max(r, ceil_div(rows, MAX_ROW_CHUNKS))
+
+
+cdef inline bint streams(size_t output_bytes) noexcept nogil:
+    """Whether an output of this size is written with streaming stores."""
+    return output_bytes >= STREAM_MIN_BYTES
 
 
 cdef int check_scratch(int status) except -1:
@@ -415,27 +435,74 @@ cdef inline void expand_to_columns(const double* per_channel, Py_ssize_t C,
             per_column[c * inner + i] = per_channel[c]
 
 
-cdef inline void normalize_run(const floating* x, floating* y, Py_ssize_t n,
-                               double mean, double scale, double shift) noexcept nogil:
-    """One channel's contiguous run: y = (x - mean) * scale + shift, in double."""
+cdef inline void normalize_span(const floating* x, floating* y, Py_ssize_t n,
+                                double mean, double scale, double shift) noexcept nogil:
+    """y = (x - mean) * scale + shift over n values of one channel, in double."""
     cdef Py_ssize_t i
     for i in range(n):
         y[i] = <floating>((x[i] - mean) * scale + shift)
 
 
+cdef inline void normalize_span_cols(const floating* x, floating* y, Py_ssize_t n,
+                                     const double* m_cols, const double* s_cols,
+                                     const double* b_cols) noexcept nogil:
+    """The same along a row, with per-column parameters."""
+    cdef Py_ssize_t j
+    for j in range(n):
+        y[j] = <floating>((x[j] - m_cols[j]) * s_cols[j] + b_cols[j])
+
+
+cdef inline void normalize_run(const floating* x, floating* y, Py_ssize_t n,
+                               double mean, double scale, double shift,
+                               bint stream) noexcept nogil:
+    """One channel's contiguous run, written directly or streamed."""
+    cdef floating staged[STAGE]
+    cdef Py_ssize_t start, length
+    if not stream:
+        normalize_span(x, y, n, mean, scale, shift)
+        return
+    start = 0
+    while start < n:
+        length = min(<Py_ssize_t>STAGE, n - start)
+        normalize_span(x + start, staged, length, mean, scale, shift)
+        cbn_stream_copy(y + start, staged, length * sizeof(floating))
+        start += length
+
+
 cdef inline void normalize_rows(const floating* xp, floating* yp, Py_ssize_t W,
                                 Py_ssize_t r_start, Py_ssize_t r_stop,
                                 const double* m_cols, const double* s_cols,
-                                const double* b_cols) noexcept nogil:
+                                const double* b_cols, bint stream) noexcept nogil:
     """Rows r_start:r_stop of the interleaved walk, with per-column parameters."""
-    cdef Py_ssize_t r, j
-    cdef const floating* xrun
-    cdef floating* yrun
+    cdef floating staged[STAGE]
+    cdef Py_ssize_t r, start, length
     for r in range(r_start, r_stop):
-        xrun = xp + r * W
-        yrun = yp + r * W
-        for j in range(W):
-            yrun[j] = <floating>((xrun[j] - m_cols[j]) * s_cols[j] + b_cols[j])
+        if not stream:
+            normalize_span_cols(xp + r * W, yp + r * W, W, m_cols, s_cols, b_cols)
+            continue
+        start = 0
+        while start < W:
+            length = min(<Py_ssize_t>STAGE, W - start)
+            normalize_span_cols(xp + r * W + start, staged, length, m_cols + start,
+                                s_cols + start, b_cols + start)
+            cbn_stream_copy(yp + r * W + start, staged, length * sizeof(floating))
+            start += length
+    if stream:
+        cbn_stream_fence()
+
+
+cdef inline void normalize_runs(const floating* xp, floating* yp, Py_ssize_t C,
+                                Py_ssize_t inner, Py_ssize_t seg_start,
+                                Py_ssize_t seg_stop, const double* mean,
+                                const double* scale, const double* shift,
+                                bint stream) noexcept nogil:
+    """Runs seg_start:seg_stop of the planar walk (run s is channel s % C)."""
+    cdef Py_ssize_t seg
+    for seg in range(seg_start, seg_stop):
+        normalize_run(xp + seg * inner, yp + seg * inner, inner,
+                      mean[seg % C], scale[seg % C], shift[seg % C], stream)
+    if stream:
+        cbn_stream_fence()
 
 
 cdef int normalize_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
@@ -444,24 +511,26 @@ cdef int normalize_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
                         const double* scale,   # IN (C,)
                         const double* shift,   # IN (C,)
                         floating* yp,          # OUT, may be xp itself
+                        bint stream,
                         int num_threads) noexcept nogil:
     """y = (x - mean) * scale + shift per channel. Returns 0, or -1 when
     scratch space cannot be allocated."""
-    cdef Py_ssize_t seg, k, W, rows_per_chunk, n_chunks
+    cdef Py_ssize_t k, W, rows_per_chunk, n_chunks, runs_per_unit, n_units
     cdef double* cols = NULL
     cdef const double* m_cols = mean
     cdef const double* s_cols = scale
     cdef const double* b_cols = shift
     if planar_walk(outer, C, inner):
-        num_threads = team_size(num_threads, outer * C)
+        runs_per_unit = planar_outer_per_unit(inner)
+        n_units = ceil_div(outer * C, runs_per_unit)
+        num_threads = team_size(num_threads, n_units)
         if num_threads == 1:
-            for seg in range(outer * C):
-                normalize_run(xp + seg * inner, yp + seg * inner, inner,
-                              mean[seg % C], scale[seg % C], shift[seg % C])
+            normalize_runs(xp, yp, C, inner, 0, outer * C, mean, scale, shift, stream)
         else:
-            for seg in prange(outer * C, schedule='static', num_threads=num_threads):
-                normalize_run(xp + seg * inner, yp + seg * inner, inner,
-                              mean[seg % C], scale[seg % C], shift[seg % C])
+            for k in prange(n_units, schedule='static', num_threads=num_threads):
+                normalize_runs(xp, yp, C, inner, k * runs_per_unit,
+                               min(outer * C, (k + 1) * runs_per_unit),
+                               mean, scale, shift, stream)
         return 0
     W = C * inner
     if inner > 1:  # per-column copies of the parameters; for (N, C) they are per-channel
@@ -476,11 +545,12 @@ cdef int normalize_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
     n_chunks = ceil_div(outer, rows_per_chunk)
     num_threads = team_size(num_threads, n_chunks)
     if num_threads == 1:
-        normalize_rows(xp, yp, W, 0, outer, m_cols, s_cols, b_cols)
+        normalize_rows(xp, yp, W, 0, outer, m_cols, s_cols, b_cols, stream)
     else:
         for k in prange(n_chunks, schedule='static', num_threads=num_threads):
             normalize_rows(xp, yp, W, k * rows_per_chunk,
-                           min(outer, (k + 1) * rows_per_chunk), m_cols, s_cols, b_cols)
+                           min(outer, (k + 1) * rows_per_chunk), m_cols, s_cols, b_cols,
+                           stream)
     free(cols)
     return 0
 
@@ -510,7 +580,8 @@ cdef inline void train_forward_channel(const floating* xp, Py_ssize_t outer,
                                        double* mean,     # OUT, slot c
                                        double* var,      # OUT, slot c
                                        double* invstd,   # OUT, slot c
-                                       floating* yp) noexcept nogil:
+                                       floating* yp,
+                                       bint stream) noexcept nogil:
     """Channel c of the fused training forward: statistics, then normalization."""
     cdef Py_ssize_t o
     cdef double m, v, inv, s, b
@@ -524,7 +595,9 @@ cdef inline void train_forward_channel(const floating* xp, Py_ssize_t outer,
     b = bias[c]
     for o in range(outer):
         normalize_run(xp + (o * C + c) * inner, yp + (o * C + c) * inner,
-                      inner, m, s, b)
+                      inner, m, s, b, stream)
+    if stream:
+        cbn_stream_fence()
 
 
 cdef void train_forward_fused_impl(const floating* xp, Py_ssize_t outer,
@@ -536,6 +609,7 @@ cdef void train_forward_fused_impl(const floating* xp, Py_ssize_t outer,
                                    double* var,           # OUT (C,), biased
                                    double* invstd,        # OUT (C,)
                                    floating* yp,          # OUT, may be xp itself
+                                   bint stream,
                                    int num_threads) noexcept nogil:
     """Statistics and normalization channel by channel, so that each channel is
     read from memory once and re-read from cache. Only for shapes where
@@ -545,11 +619,11 @@ cdef void train_forward_fused_impl(const floating* xp, Py_ssize_t outer,
     if num_threads == 1:
         for c in range(C):
             train_forward_channel(xp, outer, C, inner, c, weight, bias, eps,
-                                  mean, var, invstd, yp)
+                                  mean, var, invstd, yp, stream)
     else:
         for c in prange(C, schedule='static', num_threads=num_threads):
             train_forward_channel(xp, outer, C, inner, c, weight, bias, eps,
-                                  mean, var, invstd, yp)
+                                  mean, var, invstd, yp, stream)
 
 
 # ---------------------------------------------------------------------------
@@ -712,29 +786,86 @@ cdef int grad_sums_impl(const floating* dyp, const floating* xp,
     return status
 
 
-cdef inline void grad_input_run(const floating* dy, const floating* x,
-                                floating* dx, Py_ssize_t offset, Py_ssize_t n,
-                                double mean, double mean_dy, double proj,
-                                double scale) noexcept nogil:
-    """One channel's contiguous run of the training-mode input gradient."""
+cdef inline void grad_input_span(const floating* dy, const floating* x,
+                                 floating* dx, Py_ssize_t n, double mean,
+                                 double mean_dy, double proj, double scale) noexcept nogil:
+    """Training-mode input gradient over n values of one channel."""
     cdef Py_ssize_t i
-    for i in range(offset, offset + n):
+    for i in range(n):
         dx[i] = <floating>((dy[i] - mean_dy - (x[i] - mean) * proj) * scale)
+
+
+cdef inline void grad_input_span_cols(const floating* dy, const floating* x,
+                                      floating* dx, Py_ssize_t n,
+                                      const double* m_cols, const double* mdy_cols,
+                                      const double* q_cols,
+                                      const double* s_cols) noexcept nogil:
+    """The same along a row, with per-column parameters."""
+    cdef Py_ssize_t j
+    for j in range(n):
+        dx[j] = <floating>((dy[j] - mdy_cols[j] - (x[j] - m_cols[j]) * q_cols[j])
+                           * s_cols[j])
+
+
+cdef inline void grad_input_run(const floating* dy, const floating* x,
+                                floating* dx, Py_ssize_t n, double mean,
+                                double mean_dy, double proj, double scale,
+                                bint stream) noexcept nogil:
+    """One channel's contiguous run, written directly or streamed."""
+    cdef floating staged[STAGE]
+    cdef Py_ssize_t start, length
+    if not stream:
+        grad_input_span(dy, x, dx, n, mean, mean_dy, proj, scale)
+        return
+    start = 0
+    while start < n:
+        length = min(<Py_ssize_t>STAGE, n - start)
+        grad_input_span(dy + start, x + start, staged, length, mean, mean_dy, proj,
+                        scale)
+        cbn_stream_copy(dx + start, staged, length * sizeof(floating))
+        start += length
 
 
 cdef inline void grad_input_rows(const floating* dy, const floating* x,
                                  floating* dx, Py_ssize_t W,
                                  Py_ssize_t r_start, Py_ssize_t r_stop,
                                  const double* m_cols, const double* mdy_cols,
-                                 const double* q_cols, const double* s_cols) noexcept nogil:
+                                 const double* q_cols, const double* s_cols,
+                                 bint stream) noexcept nogil:
     """Rows r_start:r_stop of the interleaved walk, with per-column parameters."""
-    cdef Py_ssize_t r, j, offset
+    cdef floating staged[STAGE]
+    cdef Py_ssize_t r, start, length, offset
     for r in range(r_start, r_stop):
         offset = r * W
-        for j in range(W):
-            dx[offset + j] = <floating>(
-                (dy[offset + j] - mdy_cols[j] - (x[offset + j] - m_cols[j]) * q_cols[j])
-                * s_cols[j])
+        if not stream:
+            grad_input_span_cols(dy + offset, x + offset, dx + offset, W, m_cols,
+                                 mdy_cols, q_cols, s_cols)
+            continue
+        start = 0
+        while start < W:
+            length = min(<Py_ssize_t>STAGE, W - start)
+            grad_input_span_cols(dy + offset + start, x + offset + start, staged, length,
+                                 m_cols + start, mdy_cols + start, q_cols + start,
+                                 s_cols + start)
+            cbn_stream_copy(dx + offset + start, staged, length * sizeof(floating))
+            start += length
+    if stream:
+        cbn_stream_fence()
+
+
+cdef inline void grad_input_runs(const floating* dy, const floating* x, floating* dx,
+                                 Py_ssize_t C, Py_ssize_t inner, Py_ssize_t seg_start,
+                                 Py_ssize_t seg_stop, const double* mean,
+                                 const double* mean_dy, const double* proj,
+                                 const double* scale, bint stream) noexcept nogil:
+    """Runs seg_start:seg_stop of the planar walk (run s is channel s % C)."""
+    cdef Py_ssize_t seg, c
+    for seg in range(seg_start, seg_stop):
+        c = seg % C
+        grad_input_run(dy + seg * inner, x + seg * inner, dx + seg * inner, inner,
+                       mean[c], mean_dy[c], proj[c], scale[c], stream)
+    if stream:
+        cbn_stream_fence()
 
 
 cdef int grad_input_impl(const floating* dyp, const floating* xp,
@@ -744,21 +875,24 @@ cdef int grad_input_impl(const floating* dyp, const floating* xp,
                          const double* proj,      # IN (C,): dotp * invstd^2 / n
                          const double* scale,     # IN (C,): invstd * weight
                          floating* dxp,           # OUT, may be dyp itself
+                         bint stream,
                          int num_threads) noexcept nogil:
     """Training-mode input gradient: dx = (dy - mean_dy - (x - mean) * proj) * scale.
     Returns 0, or -1 when scratch space cannot be allocated."""
-    cdef Py_ssize_t seg, k, W, rows_per_chunk, n_chunks
+    cdef Py_ssize_t k, W, rows_per_chunk, n_chunks, runs_per_unit, n_units
     cdef double* cols = NULL
     if planar_walk(outer, C, inner):
-        num_threads = team_size(num_threads, outer * C)
+        runs_per_unit = planar_outer_per_unit(inner)
+        n_units = ceil_div(outer * C, runs_per_unit)
+        num_threads = team_size(num_threads, n_units)
         if num_threads == 1:
-            for seg in range(outer * C):
-                grad_input_run(dyp, xp, dxp, seg * inner, inner, mean[seg % C],
-                               mean_dy[seg % C], proj[seg % C], scale[seg % C])
+            grad_input_runs(dyp, xp, dxp, C, inner, 0, outer * C, mean, mean_dy, proj,
+                            scale, stream)
         else:
-            for seg in prange(outer * C, schedule='static', num_threads=num_threads):
-                grad_input_run(dyp, xp, dxp, seg * inner, inner, mean[seg % C],
-                               mean_dy[seg % C], proj[seg % C], scale[seg % C])
+            for k in prange(n_units, schedule='static', num_threads=num_threads):
+                grad_input_runs(dyp, xp, dxp, C, inner, k * runs_per_unit,
+                                min(outer * C, (k + 1) * runs_per_unit),
+                                mean, mean_dy, proj, scale, stream)
         return 0
     W = C * inner
     if inner > 1:  # per-column copies of the parameters; for (N, C) they are per-channel
@@ -774,12 +908,12 @@ cdef int grad_input_impl(const floating* dyp, const floating* xp,
     n_chunks = ceil_div(outer, rows_per_chunk)
     num_threads = team_size(num_threads, n_chunks)
     if num_threads == 1:
-        grad_input_rows(dyp, xp, dxp, W, 0, outer, mean, mean_dy, proj, scale)
+        grad_input_rows(dyp, xp, dxp, W, 0, outer, mean, mean_dy, proj, scale, stream)
     else:
         for k in prange(n_chunks, schedule='static', num_threads=num_threads):
             grad_input_rows(dyp, xp, dxp, W, k * rows_per_chunk,
                             min(outer, (k + 1) * rows_per_chunk),
-                            mean, mean_dy, proj, scale)
+                            mean, mean_dy, proj, scale, stream)
     free(cols)
     return 0
 
@@ -791,7 +925,8 @@ cdef inline void backward_channel(const floating* dyp, const floating* xp,
                                   bint training,
                                   double* sum_dy,   # OUT, slot c
                                   double* dotp,     # OUT, slot c
-                                  floating* dxp) noexcept nogil:
+                                  floating* dxp,
+                                  bint stream) noexcept nogil:
     """Channel c of the fused backward: sums, then the input gradient."""
     cdef Py_ssize_t o, offset, n = outer * inner
     cdef double scale, mean_dy, proj
@@ -802,9 +937,12 @@ cdef inline void backward_channel(const floating* dyp, const floating* xp,
     for o in range(outer):
         offset = (o * C + c) * inner
         if training:
-            grad_input_run(dyp, xp, dxp, offset, inner, mean[c], mean_dy, proj, scale)
+            grad_input_run(dyp + offset, xp + offset, dxp + offset, inner, mean[c],
+                           mean_dy, proj, scale, stream)
         else:
-            normalize_run(dyp + offset, dxp + offset, inner, 0.0, scale, 0.0)
+            normalize_run(dyp + offset, dxp + offset, inner, 0.0, scale, 0.0, stream)
+    if stream:
+        cbn_stream_fence()
 
 
 # ---------------------------------------------------------------------------
@@ -827,9 +965,10 @@ cdef int forward_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
     cdef Py_ssize_t c
     cdef double* scale
     cdef int status
+    cdef bint stream = streams(outer * C * inner * sizeof(floating))
     if batch_stats and fuses(outer, C, inner, sizeof(floating)):
         train_forward_fused_impl(xp, outer, C, inner, weight, bias, eps, mean, var,
-                                 invstd, yp, num_threads)
+                                 invstd, yp, stream, num_threads)
         return 0
     if batch_stats:
         status = batch_stats_impl(xp, outer, C, inner, mean, var, num_threads)
@@ -841,7 +980,8 @@ cdef int forward_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
     for c in range(C):
         invstd[c] = 1.0 / sqrt(var[c] + eps)
         scale[c] = invstd[c] * weight[c]
-    status = normalize_impl(xp, outer, C, inner, mean, scale, bias, yp, num_threads)
+    status = normalize_impl(xp, outer, C, inner, mean, scale, bias, yp, stream,
+                            num_threads)
     free(scale)
     return status
 
@@ -863,16 +1003,17 @@ cdef int backward_impl(const floating* dyp, const floating* xp, Py_ssize_t outer
     cdef Py_ssize_t c, n = outer * inner
     cdef double* s
     cdef int status
+    cdef bint stream = streams(outer * C * inner * sizeof(floating))
     if fuses(outer, C, inner, 2 * sizeof(floating)):
         num_threads = team_size(num_threads, C)
         if num_threads == 1:
             for c in range(C):
                 backward_channel(dyp, xp, outer, C, inner, c, mean, invstd, weight,
-                                 training, sum_dy, dotp, dxp)
+                                 training, sum_dy, dotp, dxp, stream)
         else:
             for c in prange(C, schedule='static', num_threads=num_threads):
                 backward_channel(dyp, xp, outer, C, inner, c, mean, invstd, weight,
-                                 training, sum_dy, dotp, dxp)
+                                 training, sum_dy, dotp, dxp, stream)
         return 0
     status = grad_sums_impl(dyp, xp, outer, C, inner, mean, sum_dy, dotp, num_threads)
     if status < 0:
@@ -886,11 +1027,12 @@ cdef int backward_impl(const floating* dyp, const floating* xp, Py_ssize_t outer
         s[2 * C + c] = dotp[c] * invstd[c] * invstd[c] / <double>n
     if training:
         status = grad_input_impl(dyp, xp, outer, C, inner, mean, s + C, s + 2 * C, s,
-                                 dxp, num_threads)
+                                 dxp, stream, num_threads)
     else:
         for c in range(C):
             s[C + c] = 0
-        status = normalize_impl(dyp, outer, C, inner, s + C, s, s + C, dxp, num_threads)
+        status = normalize_impl(dyp, outer, C, inner, s + C, s, s + C, dxp, stream,
+                                num_threads)
     free(s)
     return status
 
