@@ -13,7 +13,10 @@
 #
 # * planar (``inner >= PLANAR_MIN_INNER``, e.g. NCHW, or a few very wide rows):
 #   a channel's data is ``outer`` contiguous runs of ``inner`` elements; work
-#   is split into units of (channel, range of outer).
+#   is split into units of (channel, range of outer). Reductions over short
+#   runs (``inner < SWEEP_MAX_INNER``) with enough rows instead sweep ranges
+#   of rows whole, every channel in memory order: a channel's short runs lie
+#   far apart, which the hardware prefetchers do not follow.
 # * interleaved (short ``inner``, e.g. (N, C) or NHWC): the view is read as
 #   rows of ``W = C * inner`` columns; work is split into units of (range of
 #   rows, tile of columns) and the inner loops run along a row, vectorizable.
@@ -23,6 +26,9 @@
 # Determinism: the split into units depends only on the shape, each unit writes
 # its own partial results, and partials are merged in a fixed order after the
 # parallel region. Results are therefore bit-identical for any thread count.
+#
+# Large outputs (``STREAM_MIN_BYTES``) are written with streaming stores
+# (_stream.h): computed into an L1 buffer, then copied past the cache.
 #
 # Accuracy: statistics accumulate in double, and a huge mean relative to the
 # spread never cancels. The planar walk reduces each run of at most ``BLOCK``
@@ -57,6 +63,8 @@ cdef enum:
                            # (N, C) for C up to 4096: the reads stream)
     MIN_CHUNK_ROWS = 64    # interleaved units span at least this many rows
     MAX_ROW_CHUNKS = 64    # bounds the number of per-column partials
+    SWEEP_MAX_INNER = 1024 # planar runs shorter than this are reduced row by row
+    MIN_SWEEP_ROWS = 8     # ... when there are enough rows to share out
     LANES = 16             # independent accumulators in contiguous reductions
     STAGE = 512            # outputs computed into an L1 buffer per streaming copy
     # Outputs this large bypass the cache (streaming stores): they would not
@@ -102,6 +110,21 @@ cdef inline bint planar_walk(Py_ssize_t outer, Py_ssize_t C,
     if inner >= PLANAR_MIN_INNER:
         return True
     return outer < MIN_CHUNK_ROWS and C * inner > UNIT_ELEMS
+
+
+cdef inline bint sweeps_rows(Py_ssize_t outer, Py_ssize_t C,
+                             Py_ssize_t inner) noexcept nogil:
+    """Whether a planar reduction reads rows whole, every channel in memory
+    order, rather than channel by channel: a channel of short runs far apart
+    defeats the hardware prefetchers (and may alias in the cache)."""
+    return (planar_walk(outer, C, inner) and inner < SWEEP_MAX_INNER
+            and outer >= MIN_SWEEP_ROWS)
+
+
+cdef inline Py_ssize_t sweep_rows_per_chunk(Py_ssize_t outer, Py_ssize_t C,
+                                            Py_ssize_t inner) noexcept nogil:
+    cdef Py_ssize_t r = max(<Py_ssize_t>1, UNIT_ELEMS // (C * inner))
+    return max(r, ceil_div(outer, MAX_ROW_CHUNKS))
 
 
 cdef inline int team_size(int num_threads, Py_ssize_t n_units) noexcept nogil:
@@ -276,16 +299,18 @@ cdef void interleaved_stats_unit(const floating* x, Py_ssize_t W,
 cdef void merge_row_chunks(double* part_mean,   # IN/OUT (n_chunks, W); row 0 gets the result
                            double* part_m2,     # IN/OUT (n_chunks, W); row 0 gets the result
                            Py_ssize_t W, Py_ssize_t outer, Py_ssize_t rows_per_chunk,
-                           Py_ssize_t n_chunks) noexcept nogil:
+                           Py_ssize_t n_chunks, double values_per_row) noexcept nogil:
     """Chan merge of the per-column statistics of each row chunk, in chunk
     order. Chunks hold the same count for every column, so the weights are
-    computed once per chunk and the column loop vectorizes."""
+    computed once per chunk and the column loop vectorizes. A "column" is a
+    channel when rows are swept (values_per_row = inner)."""
     cdef Py_ssize_t k, j
-    cdef double n_acc = <double>min(outer, rows_per_chunk), nb, total, w_mean, w_m2, delta
+    cdef double n_acc = <double>min(outer, rows_per_chunk) * values_per_row
+    cdef double nb, total, w_mean, w_m2, delta
     cdef double* chunk_mean
     cdef double* chunk_m2
     for k in range(1, n_chunks):
-        nb = <double>(min(outer, (k + 1) * rows_per_chunk) - k * rows_per_chunk)
+        nb = <double>(min(outer, (k + 1) * rows_per_chunk) - k * rows_per_chunk) * values_per_row
         total = n_acc + nb
         w_mean = nb / total
         w_m2 = n_acc * nb / total
@@ -296,6 +321,42 @@ cdef void merge_row_chunks(double* part_mean,   # IN/OUT (n_chunks, W); row 0 ge
             part_mean[j] = part_mean[j] + delta * w_mean
             part_m2[j] = part_m2[j] + chunk_m2[j] + delta * delta * w_m2
         n_acc = total
+
+
+cdef void sweep_stats_rows(const floating* x, Py_ssize_t C, Py_ssize_t inner,
+                           Py_ssize_t o_start, Py_ssize_t o_stop,
+                           double* mean_out,     # OUT (C,)
+                           double* m2_out        # OUT (C,)
+                           ) noexcept nogil:
+    """Statistics of rows o_start:o_stop for every channel, reading x in
+    memory order. Runs are shorter than BLOCK: each is one two-pass block."""
+    cdef Py_ssize_t o, c
+    cdef double n_before, block_mean, block_m2
+    cdef const floating* run = x + o_start * C * inner
+    for c in range(C):
+        run_two_pass(run + c * inner, inner, &mean_out[c], &m2_out[c])
+    for o in range(o_start + 1, o_stop):
+        run = x + o * C * inner
+        for c in range(C):
+            run_two_pass(run + c * inner, inner, &block_mean, &block_m2)
+            n_before = <double>(o - o_start) * inner
+            chan_merge(&n_before, &mean_out[c], &m2_out[c], <double>inner,
+                       block_mean, block_m2)
+
+
+cdef inline void sweep_stats_chunk(const floating* xp, Py_ssize_t outer,
+                                   Py_ssize_t C, Py_ssize_t inner,
+                                   Py_ssize_t rows_per_chunk,
+                                   Py_ssize_t k_start, Py_ssize_t k_stop,
+                                   double* part_mean,   # OUT (n_chunks, C)
+                                   double* part_m2      # OUT (n_chunks, C)
+                                   ) noexcept nogil:
+    """Row chunks k_start:k_stop of the row sweep, each into its own slots."""
+    cdef Py_ssize_t k
+    for k in range(k_start, k_stop):
+        sweep_stats_rows(xp, C, inner, k * rows_per_chunk,
+                         min(outer, (k + 1) * rows_per_chunk),
+                         part_mean + k * C, part_m2 + k * C)
 
 
 cdef inline void planar_stats_chunk(const floating* xp, Py_ssize_t outer,
@@ -340,7 +401,28 @@ cdef int batch_stats_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
     cdef Py_ssize_t W, rows_per_chunk, n_tiles, j, i
     cdef double n, m, m2, n_part, total = <double>outer * inner
     cdef int status = 0
-    if planar_walk(outer, C, inner):
+    if sweeps_rows(outer, C, inner):
+        rows_per_chunk = sweep_rows_per_chunk(outer, C, inner)
+        n_chunks = ceil_div(outer, rows_per_chunk)
+        part_mean = <double*>malloc(n_chunks * C * sizeof(double))
+        part_m2 = <double*>malloc(n_chunks * C * sizeof(double))
+        if part_mean == NULL or part_m2 == NULL:
+            status = -1
+        else:
+            num_threads = team_size(num_threads, n_chunks)
+            if num_threads == 1:
+                sweep_stats_chunk(xp, outer, C, inner, rows_per_chunk, 0, n_chunks,
+                                  part_mean, part_m2)
+            else:
+                for k in prange(n_chunks, schedule='static', num_threads=num_threads):
+                    sweep_stats_chunk(xp, outer, C, inner, rows_per_chunk, k, k + 1,
+                                      part_mean, part_m2)
+            merge_row_chunks(part_mean, part_m2, C, outer, rows_per_chunk, n_chunks,
+                             <double>inner)
+            for c in range(C):
+                mean[c] = part_mean[c]
+                var[c] = part_m2[c] / total
+    elif planar_walk(outer, C, inner):
         per_unit = planar_outer_per_unit(inner)
         n_chunks = ceil_div(outer, per_unit)
         n_units = C * n_chunks
@@ -392,7 +474,7 @@ cdef int batch_stats_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
                                                scratch + threadid() * 2 * TILE_COLS,
                                                part_mean, part_m2)
             # Row chunks merge into chunk 0's columns, then columns into channels.
-            merge_row_chunks(part_mean, part_m2, W, outer, rows_per_chunk, n_chunks)
+            merge_row_chunks(part_mean, part_m2, W, outer, rows_per_chunk, n_chunks, 1.0)
             for c in range(C):
                 n = 0
                 m = 0
@@ -569,7 +651,7 @@ cdef inline bint fuses(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
     """Whether a two-pass step runs channel by channel: planar walk, the
     channel's data (``channel_bytes`` per value, all arrays read) fits in
     cache, and there are enough channels to share among threads."""
-    return (planar_walk(outer, C, inner) and C >= 2
+    return (planar_walk(outer, C, inner) and not sweeps_rows(outer, C, inner) and C >= 2
             and outer * inner * channel_bytes <= FUSED_MAX_BYTES)
 
 
@@ -654,6 +736,66 @@ cdef void planar_grad_sums_unit(const floating* dy, const floating* x,
     dotp_out[0] = sum_lanes(acc_p)
 
 
+cdef inline void run_grad_sums(const floating* dy, const floating* x, Py_ssize_t n,
+                               double mean,
+                               double* sum_dy,   # OUT
+                               double* dotp      # OUT
+                               ) noexcept nogil:
+    """sum(dy) and sum((x - mean) * dy) over one contiguous run."""
+    cdef double acc_dy[LANES]
+    cdef double acc_p[LANES]
+    cdef Py_ssize_t i, k, n_full = n - n % LANES
+    for k in range(LANES):
+        acc_dy[k] = 0
+        acc_p[k] = 0
+    for i in range(n_full // LANES):
+        for k in range(LANES):
+            acc_dy[k] += dy[i * LANES + k]
+            acc_p[k] += (x[i * LANES + k] - mean) * dy[i * LANES + k]
+    for i in range(n_full, n):
+        acc_dy[i - n_full] += dy[i]
+        acc_p[i - n_full] += (x[i] - mean) * dy[i]
+    sum_dy[0] = sum_lanes(acc_dy)
+    dotp[0] = sum_lanes(acc_p)
+
+
+cdef void sweep_grad_sums_rows(const floating* dy, const floating* x,
+                               Py_ssize_t C, Py_ssize_t inner,
+                               Py_ssize_t o_start, Py_ssize_t o_stop,
+                               const double* mean,
+                               double* sum_dy_out,   # OUT (C,)
+                               double* dotp_out      # OUT (C,)
+                               ) noexcept nogil:
+    """Sums over rows o_start:o_stop for every channel, reading in memory order."""
+    cdef Py_ssize_t o, c, offset
+    cdef double run_dy, run_p
+    for c in range(C):
+        sum_dy_out[c] = 0
+        dotp_out[c] = 0
+    for o in range(o_start, o_stop):
+        for c in range(C):
+            offset = (o * C + c) * inner
+            run_grad_sums(dy + offset, x + offset, inner, mean[c], &run_dy, &run_p)
+            sum_dy_out[c] += run_dy
+            dotp_out[c] += run_p
+
+
+cdef inline void sweep_grad_sums_chunk(const floating* dy, const floating* x,
+                                       Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                                       Py_ssize_t rows_per_chunk,
+                                       Py_ssize_t k_start, Py_ssize_t k_stop,
+                                       const double* mean,
+                                       double* part_s,   # OUT (n_chunks, C)
+                                       double* part_p    # OUT (n_chunks, C)
+                                       ) noexcept nogil:
+    """Row chunks k_start:k_stop of the row sweep, each into its own slots."""
+    cdef Py_ssize_t k
+    for k in range(k_start, k_stop):
+        sweep_grad_sums_rows(dy, x, C, inner, k * rows_per_chunk,
+                             min(outer, (k + 1) * rows_per_chunk), mean,
+                             part_s + k * C, part_p + k * C)
+
+
 cdef void interleaved_grad_sums_unit(const floating* dy, const floating* x,
                                      Py_ssize_t W, const double* mean_cols,
                                      Py_ssize_t r_start, Py_ssize_t r_stop,
@@ -716,7 +858,31 @@ cdef int grad_sums_impl(const floating* dyp, const floating* xp,
     cdef Py_ssize_t rows_per_chunk, n_tiles
     cdef double s, p
     cdef int status = 0
-    if planar_walk(outer, C, inner):
+    if sweeps_rows(outer, C, inner):
+        rows_per_chunk = sweep_rows_per_chunk(outer, C, inner)
+        n_chunks = ceil_div(outer, rows_per_chunk)
+        part_s = <double*>malloc(n_chunks * C * sizeof(double))
+        part_p = <double*>malloc(n_chunks * C * sizeof(double))
+        if part_s == NULL or part_p == NULL:
+            status = -1
+        else:
+            num_threads = team_size(num_threads, n_chunks)
+            if num_threads == 1:
+                sweep_grad_sums_chunk(dyp, xp, outer, C, inner, rows_per_chunk, 0,
+                                      n_chunks, mean, part_s, part_p)
+            else:
+                for k in prange(n_chunks, schedule='static', num_threads=num_threads):
+                    sweep_grad_sums_chunk(dyp, xp, outer, C, inner, rows_per_chunk, k,
+                                          k + 1, mean, part_s, part_p)
+            for c in range(C):
+                s = 0
+                p = 0
+                for k in range(n_chunks):
+                    s = s + part_s[k * C + c]
+                    p = p + part_p[k * C + c]
+                sum_dy[c] = s
+                dotp[c] = p
+    elif planar_walk(outer, C, inner):
         per_unit = planar_outer_per_unit(inner)
         n_chunks = ceil_div(outer, per_unit)
         n_units = C * n_chunks

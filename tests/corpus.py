@@ -20,7 +20,8 @@ SMALL_LAYOUTS = [
 
 # The full corpus adds awkward sizes. Shapes with inner >= 32 exercise the
 # kernels' planar walk, the others the interleaved walk; the larger ones span
-# several parallel work units.
+# several parallel work units; short planar runs over enough rows are swept
+# row by row.
 LAYOUTS = SMALL_LAYOUTS + [
     pytest.param((7, 4, 1, 1), 1, id="HW1"),
     pytest.param((3, 7, 11, 13), 1, id="primes"),
@@ -32,6 +33,8 @@ LAYOUTS = SMALL_LAYOUTS + [
     pytest.param((2, 700, 5), 1, id="few-rows-short-runs"),
     pytest.param((40, 3), 0, id="axis0"),
     pytest.param((2, 20000, 4), 1, id="few-wide-rows"),
+    pytest.param((9, 5, 40), 1, id="NCL-rows-swept"),
+    pytest.param((20, 40, 100), 1, id="NCL-rows-swept-chunks"),
 ]
 
 DTYPES = [np.float32, np.float64]

@@ -15,7 +15,8 @@ from corpus import make_input
 
 USABLE = [t for t in _dispatch.compiled_targets() if _dispatch._usable(t)]
 LAYOUTS = [((4096, 96), 1), ((64, 16, 16, 16), 1), ((8, 24, 24, 64), -1),
-           ((3, 2, 70000), 1), ((7, 5, 3), 1), ((300, 33), 1), ((5, 3, 31), 1)]
+           ((3, 2, 70000), 1), ((7, 5, 3), 1), ((300, 33), 1), ((5, 3, 31), 1),
+           ((40, 24, 300), 1)]
 
 
 def all_kernel_results(kernels, x, dy, axis):

@@ -12,7 +12,7 @@ from corpus import make_input
 
 # Large enough to be split across threads in both kernel walks.
 THREADED_LAYOUTS = [((64, 16, 16, 16), 1), ((4096, 96), 1), ((8, 24, 24, 64), -1),
-                    ((3, 2, 70000), 1)]
+                    ((3, 2, 70000), 1), ((40, 24, 300), 1)]
 
 
 def run_all_kernels(x, dy, axis, weight, bias):
