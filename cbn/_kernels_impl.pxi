@@ -641,9 +641,11 @@ cdef int normalize_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
 # 1+2 fused: training forward with each channel's data still in cache
 
 cdef enum:
-    # A channel's data this small is still in cache (L2, or the L3 share of a
-    # thread) when the second pass over it starts.
-    FUSED_MAX_BYTES = 1 << 20
+    # A channel's data this small is still in cache (L2, or a thread's share
+    # of L3) when the second pass over it starts; large outputs stream past
+    # the cache and do not evict it. Measured on a 32 MiB L3: 4 MiB took the
+    # backward of (64, 128, 56, 56) float32 from 1.5 to 1.1 copies.
+    FUSED_MAX_BYTES = 4 << 20
 
 
 cdef inline bint fuses(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
