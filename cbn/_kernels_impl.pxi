@@ -23,9 +23,11 @@
 #   Its per-column scratch (partials, expanded parameters) is at most
 #   UNIT_ELEMS columns' worth or a small fraction of x.
 #
-# Determinism: the split into units depends only on the shape, each unit writes
-# its own partial results, and partials are merged in a fixed order after the
-# parallel region. Results are therefore bit-identical for any thread count.
+# Determinism: the split of a reduction into units depends only on the shape,
+# each unit writes its own partial results, and partials are merged in a fixed
+# order after the parallel region. Elementwise passes (normalize, input
+# gradient) compute every element alone, so they are cut into one equal share
+# per thread instead. Results are therefore bit-identical for any thread count.
 #
 # Large outputs (``STREAM_MIN_BYTES``) are written with streaming stores
 # (_stream.h): computed into an L1 buffer, then copied past the cache.
@@ -61,12 +63,13 @@ cdef enum:
     UNIT_ELEMS = 65536     # target elements per parallel work unit
     TILE_COLS = 4096       # columns per interleaved work unit (whole rows of
                            # (N, C) for C up to 4096: the reads stream)
-    MIN_CHUNK_ROWS = 64    # interleaved units span at least this many rows
+    MIN_CHUNK_ROWS = 64    # interleaved units span about this many rows or more
     MAX_ROW_CHUNKS = 64    # bounds the number of per-column partials
     SWEEP_MAX_INNER = 1024 # planar runs shorter than this are reduced row by row
     MIN_SWEEP_ROWS = 8     # ... when there are enough rows to share out
     LANES = 16             # independent accumulators in contiguous reductions
     STAGE = 512            # outputs computed into an L1 buffer per streaming copy
+    SHARE_GRANULE = 16     # elementwise shares start on multiples of this
     # Outputs this large bypass the cache (streaming stores): they would not
     # survive in it until the next layer reads them anyway, and normal stores
     # would read every output line first and evict the input being re-read.
@@ -121,10 +124,21 @@ cdef inline bint sweeps_rows(Py_ssize_t outer, Py_ssize_t C,
             and outer >= MIN_SWEEP_ROWS)
 
 
+cdef inline Py_ssize_t evened(Py_ssize_t n, Py_ssize_t per_chunk) noexcept nogil:
+    """Items per chunk when n items are cut into chunks of about per_chunk:
+    the chunks are near equal and, when there are several, an even number of
+    them, so that teams of 2, 4, ... threads get equal work. (The cut must
+    depend on the shape only, never on the team.)"""
+    cdef Py_ssize_t chunks = ceil_div(n, per_chunk)
+    if chunks <= 1:
+        return per_chunk
+    return ceil_div(n, chunks + chunks % 2)
+
+
 cdef inline Py_ssize_t sweep_rows_per_chunk(Py_ssize_t outer, Py_ssize_t C,
                                             Py_ssize_t inner) noexcept nogil:
     cdef Py_ssize_t r = max(<Py_ssize_t>1, UNIT_ELEMS // (C * inner))
-    return max(r, ceil_div(outer, MAX_ROW_CHUNKS))
+    return evened(outer, max(r, ceil_div(outer, MAX_ROW_CHUNKS)))
 
 
 cdef inline int team_size(int num_threads, Py_ssize_t n_units) noexcept nogil:
@@ -134,15 +148,29 @@ cdef inline int team_size(int num_threads, Py_ssize_t n_units) noexcept nogil:
     return max(num_threads, 1)
 
 
-cdef inline Py_ssize_t planar_outer_per_unit(Py_ssize_t inner) noexcept nogil:
-    return max(<Py_ssize_t>1, UNIT_ELEMS // inner)
+cdef inline Py_ssize_t planar_outer_per_unit(Py_ssize_t outer,
+                                             Py_ssize_t inner) noexcept nogil:
+    return evened(outer, max(<Py_ssize_t>1, UNIT_ELEMS // inner))
 
 
 cdef inline Py_ssize_t interleaved_rows_per_chunk(Py_ssize_t rows,
                                                   Py_ssize_t cols) noexcept nogil:
     cdef Py_ssize_t width = min(cols, <Py_ssize_t>TILE_COLS)
     cdef Py_ssize_t r = max(<Py_ssize_t>MIN_CHUNK_ROWS, ceil_div(UNIT_ELEMS, width))
-    return max(r, ceil_div(rows, MAX_ROW_CHUNKS))
+    return evened(rows, max(r, ceil_div(rows, MAX_ROW_CHUNKS)))
+
+
+cdef inline Py_ssize_t share_start(Py_ssize_t n, Py_ssize_t k, Py_ssize_t parts,
+                                   Py_ssize_t granule) noexcept nogil:
+    """Start of share k when n items are cut into ``parts`` contiguous, near
+    equal shares starting on multiples of ``granule`` (share ``parts`` starts
+    at n). Only for elementwise work, whose bits do not depend on the cut:
+    one share per thread balances the team exactly."""
+    cdef Py_ssize_t start
+    if k >= parts:
+        return n
+    start = n * k // parts
+    return start - start % granule
 
 
 cdef inline bint streams(size_t output_bytes) noexcept nogil:
@@ -423,7 +451,7 @@ cdef int batch_stats_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
                 mean[c] = part_mean[c]
                 var[c] = part_m2[c] / total
     elif planar_walk(outer, C, inner):
-        per_unit = planar_outer_per_unit(inner)
+        per_unit = planar_outer_per_unit(outer, inner)
         n_chunks = ceil_div(outer, per_unit)
         n_units = C * n_chunks
         part_mean = <double*>malloc(n_units * sizeof(double))
@@ -573,16 +601,18 @@ cdef inline void normalize_rows(const floating* xp, floating* yp, Py_ssize_t W,
         cbn_stream_fence()
 
 
-cdef inline void normalize_runs(const floating* xp, floating* yp, Py_ssize_t C,
-                                Py_ssize_t inner, Py_ssize_t seg_start,
-                                Py_ssize_t seg_stop, const double* mean,
-                                const double* scale, const double* shift,
-                                bint stream) noexcept nogil:
-    """Runs seg_start:seg_stop of the planar walk (run s is channel s % C)."""
-    cdef Py_ssize_t seg
-    for seg in range(seg_start, seg_stop):
-        normalize_run(xp + seg * inner, yp + seg * inner, inner,
-                      mean[seg % C], scale[seg % C], shift[seg % C], stream)
+cdef inline void normalize_elems(const floating* xp, floating* yp, Py_ssize_t C,
+                                 Py_ssize_t inner, Py_ssize_t start, Py_ssize_t stop,
+                                 const double* mean, const double* scale,
+                                 const double* shift, bint stream) noexcept nogil:
+    """Elements start:stop of the planar walk, run by run (run s is channel s % C)."""
+    cdef Py_ssize_t i = start, seg, n
+    while i < stop:
+        seg = i // inner
+        n = min((seg + 1) * inner, stop) - i
+        normalize_run(xp + i, yp + i, n, mean[seg % C], scale[seg % C],
+                      shift[seg % C], stream)
+        i += n
     if stream:
         cbn_stream_fence()
 
@@ -597,22 +627,21 @@ cdef int normalize_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
                         int num_threads) noexcept nogil:
     """y = (x - mean) * scale + shift per channel. Returns 0, or -1 when
     scratch space cannot be allocated."""
-    cdef Py_ssize_t k, W, rows_per_chunk, n_chunks, runs_per_unit, n_units
+    cdef Py_ssize_t k, W, n = outer * C * inner
     cdef double* cols = NULL
     cdef const double* m_cols = mean
     cdef const double* s_cols = scale
     cdef const double* b_cols = shift
     if planar_walk(outer, C, inner):
-        runs_per_unit = planar_outer_per_unit(inner)
-        n_units = ceil_div(outer * C, runs_per_unit)
-        num_threads = team_size(num_threads, n_units)
+        num_threads = team_size(num_threads, n // SHARE_GRANULE)
         if num_threads == 1:
-            normalize_runs(xp, yp, C, inner, 0, outer * C, mean, scale, shift, stream)
+            normalize_elems(xp, yp, C, inner, 0, n, mean, scale, shift, stream)
         else:
-            for k in prange(n_units, schedule='static', num_threads=num_threads):
-                normalize_runs(xp, yp, C, inner, k * runs_per_unit,
-                               min(outer * C, (k + 1) * runs_per_unit),
-                               mean, scale, shift, stream)
+            for k in prange(num_threads, schedule='static', num_threads=num_threads):
+                normalize_elems(xp, yp, C, inner,
+                                share_start(n, k, num_threads, SHARE_GRANULE),
+                                share_start(n, k + 1, num_threads, SHARE_GRANULE),
+                                mean, scale, shift, stream)
         return 0
     W = C * inner
     if inner > 1:  # per-column copies of the parameters; for (N, C) they are per-channel
@@ -623,16 +652,14 @@ cdef int normalize_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
         expand_to_columns(scale, C, inner, cols + W)
         expand_to_columns(shift, C, inner, cols + 2 * W)
         m_cols, s_cols, b_cols = cols, cols + W, cols + 2 * W
-    rows_per_chunk = max(<Py_ssize_t>1, UNIT_ELEMS // W)
-    n_chunks = ceil_div(outer, rows_per_chunk)
-    num_threads = team_size(num_threads, n_chunks)
+    num_threads = team_size(num_threads, outer)
     if num_threads == 1:
         normalize_rows(xp, yp, W, 0, outer, m_cols, s_cols, b_cols, stream)
     else:
-        for k in prange(n_chunks, schedule='static', num_threads=num_threads):
-            normalize_rows(xp, yp, W, k * rows_per_chunk,
-                           min(outer, (k + 1) * rows_per_chunk), m_cols, s_cols, b_cols,
-                           stream)
+        for k in prange(num_threads, schedule='static', num_threads=num_threads):
+            normalize_rows(xp, yp, W, share_start(outer, k, num_threads, 1),
+                           share_start(outer, k + 1, num_threads, 1),
+                           m_cols, s_cols, b_cols, stream)
     free(cols)
     return 0
 
@@ -885,7 +912,7 @@ cdef int grad_sums_impl(const floating* dyp, const floating* xp,
                 sum_dy[c] = s
                 dotp[c] = p
     elif planar_walk(outer, C, inner):
-        per_unit = planar_outer_per_unit(inner)
+        per_unit = planar_outer_per_unit(outer, inner)
         n_chunks = ceil_div(outer, per_unit)
         n_units = C * n_chunks
         part_s = <double*>malloc(n_units * sizeof(double))
@@ -1021,17 +1048,19 @@ cdef inline void grad_input_rows(const floating* dy, const floating* x,
         cbn_stream_fence()
 
 
-cdef inline void grad_input_runs(const floating* dy, const floating* x, floating* dx,
-                                 Py_ssize_t C, Py_ssize_t inner, Py_ssize_t seg_start,
-                                 Py_ssize_t seg_stop, const double* mean,
-                                 const double* mean_dy, const double* proj,
-                                 const double* scale, bint stream) noexcept nogil:
-    """Runs seg_start:seg_stop of the planar walk (run s is channel s % C)."""
-    cdef Py_ssize_t seg, c
-    for seg in range(seg_start, seg_stop):
-        c = seg % C
-        grad_input_run(dy + seg * inner, x + seg * inner, dx + seg * inner, inner,
-                       mean[c], mean_dy[c], proj[c], scale[c], stream)
+cdef inline void grad_input_elems(const floating* dy, const floating* x, floating* dx,
+                                  Py_ssize_t C, Py_ssize_t inner, Py_ssize_t start,
+                                  Py_ssize_t stop, const double* mean,
+                                  const double* mean_dy, const double* proj,
+                                  const double* scale, bint stream) noexcept nogil:
+    """Elements start:stop of the planar walk, run by run (run s is channel s % C)."""
+    cdef Py_ssize_t i = start, n, c
+    while i < stop:
+        c = (i // inner) % C
+        n = min((i // inner + 1) * inner, stop) - i
+        grad_input_run(dy + i, x + i, dx + i, n, mean[c], mean_dy[c], proj[c], scale[c],
+                       stream)
+        i += n
     if stream:
         cbn_stream_fence()
 
@@ -1047,20 +1076,19 @@ cdef int grad_input_impl(const floating* dyp, const floating* xp,
                          int num_threads) noexcept nogil:
     """Training-mode input gradient: dx = (dy - mean_dy - (x - mean) * proj) * scale.
     Returns 0, or -1 when scratch space cannot be allocated."""
-    cdef Py_ssize_t k, W, rows_per_chunk, n_chunks, runs_per_unit, n_units
+    cdef Py_ssize_t k, W, n = outer * C * inner
     cdef double* cols = NULL
     if planar_walk(outer, C, inner):
-        runs_per_unit = planar_outer_per_unit(inner)
-        n_units = ceil_div(outer * C, runs_per_unit)
-        num_threads = team_size(num_threads, n_units)
+        num_threads = team_size(num_threads, n // SHARE_GRANULE)
         if num_threads == 1:
-            grad_input_runs(dyp, xp, dxp, C, inner, 0, outer * C, mean, mean_dy, proj,
-                            scale, stream)
+            grad_input_elems(dyp, xp, dxp, C, inner, 0, n, mean, mean_dy, proj, scale,
+                             stream)
         else:
-            for k in prange(n_units, schedule='static', num_threads=num_threads):
-                grad_input_runs(dyp, xp, dxp, C, inner, k * runs_per_unit,
-                                min(outer * C, (k + 1) * runs_per_unit),
-                                mean, mean_dy, proj, scale, stream)
+            for k in prange(num_threads, schedule='static', num_threads=num_threads):
+                grad_input_elems(dyp, xp, dxp, C, inner,
+                                 share_start(n, k, num_threads, SHARE_GRANULE),
+                                 share_start(n, k + 1, num_threads, SHARE_GRANULE),
+                                 mean, mean_dy, proj, scale, stream)
         return 0
     W = C * inner
     if inner > 1:  # per-column copies of the parameters; for (N, C) they are per-channel
@@ -1072,15 +1100,13 @@ cdef int grad_input_impl(const floating* dyp, const floating* xp,
         expand_to_columns(proj, C, inner, cols + 2 * W)
         expand_to_columns(scale, C, inner, cols + 3 * W)
         mean, mean_dy, proj, scale = cols, cols + W, cols + 2 * W, cols + 3 * W
-    rows_per_chunk = max(<Py_ssize_t>1, UNIT_ELEMS // W)
-    n_chunks = ceil_div(outer, rows_per_chunk)
-    num_threads = team_size(num_threads, n_chunks)
+    num_threads = team_size(num_threads, outer)
     if num_threads == 1:
         grad_input_rows(dyp, xp, dxp, W, 0, outer, mean, mean_dy, proj, scale, stream)
     else:
-        for k in prange(n_chunks, schedule='static', num_threads=num_threads):
-            grad_input_rows(dyp, xp, dxp, W, k * rows_per_chunk,
-                            min(outer, (k + 1) * rows_per_chunk),
+        for k in prange(num_threads, schedule='static', num_threads=num_threads):
+            grad_input_rows(dyp, xp, dxp, W, share_start(outer, k, num_threads, 1),
+                            share_start(outer, k + 1, num_threads, 1),
                             mean, mean_dy, proj, scale, stream)
     free(cols)
     return 0

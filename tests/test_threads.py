@@ -10,9 +10,11 @@ import cbn
 
 from corpus import make_input
 
-# Large enough to be split across threads in both kernel walks.
+# Large enough to be split across threads in both kernel walks. Odd sizes put
+# the cuts of elementwise passes (one share per thread) inside channel runs.
 THREADED_LAYOUTS = [((64, 16, 16, 16), 1), ((4096, 96), 1), ((8, 24, 24, 64), -1),
-                    ((3, 2, 70000), 1), ((40, 24, 300), 1)]
+                    ((3, 2, 70000), 1), ((40, 24, 300), 1), ((51, 7, 101), 1),
+                    ((3, 7, 2001), 1), ((333, 101), 1)]
 
 
 def run_all_kernels(x, dy, axis, weight, bias):
@@ -28,16 +30,18 @@ def run_all_kernels(x, dy, axis, weight, bias):
     return [y, mean, invstd, *stats, *grads, *eval_grads, y_eval, y_train, *running]
 
 
+@pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, axis", THREADED_LAYOUTS)
-def test_bit_identical_for_one_and_two_threads(rng, restore_threads, shape, axis, dtype):
+def test_bit_identical_for_one_and_more_threads(rng, restore_threads, shape, axis, dtype,
+                                                threads):
     x = make_input(rng, shape, axis, dtype, offset=100.0)
     dy = rng.standard_normal(shape).astype(dtype)
     weight = rng.uniform(0.5, 2, shape[axis])
     bias = rng.uniform(-1, 1, shape[axis])
     cbn.set_num_threads(1)
     serial = run_all_kernels(x, dy, axis, weight, bias)
-    cbn.set_num_threads(2)
+    cbn.set_num_threads(threads)
     parallel = run_all_kernels(x, dy, axis, weight, bias)
     for a, b in zip(serial, parallel):
         assert a.tobytes() == b.tobytes()
