@@ -57,6 +57,11 @@ cdef extern from "_stream.h" nogil:
     void cbn_stream_fence()
 
 
+cdef extern from "_scratch.h" nogil:
+    void* cbn_scratch_take(size_t nbytes)
+    void cbn_scratch_give(void* block)
+
+
 cdef enum:
     PLANAR_MIN_INNER = 32  # runs at least this long are walked one by one
     BLOCK = 2048           # elements reduced two-pass while in L1
@@ -432,11 +437,11 @@ cdef int batch_stats_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
     if sweeps_rows(outer, C, inner):
         rows_per_chunk = sweep_rows_per_chunk(outer, C, inner)
         n_chunks = ceil_div(outer, rows_per_chunk)
-        part_mean = <double*>malloc(n_chunks * C * sizeof(double))
-        part_m2 = <double*>malloc(n_chunks * C * sizeof(double))
-        if part_mean == NULL or part_m2 == NULL:
+        part_mean = <double*>cbn_scratch_take(2 * n_chunks * C * sizeof(double))
+        if part_mean == NULL:
             status = -1
         else:
+            part_m2 = part_mean + n_chunks * C
             num_threads = team_size(num_threads, n_chunks)
             if num_threads == 1:
                 sweep_stats_chunk(xp, outer, C, inner, rows_per_chunk, 0, n_chunks,
@@ -454,11 +459,11 @@ cdef int batch_stats_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
         per_unit = planar_outer_per_unit(outer, inner)
         n_chunks = ceil_div(outer, per_unit)
         n_units = C * n_chunks
-        part_mean = <double*>malloc(n_units * sizeof(double))
-        part_m2 = <double*>malloc(n_units * sizeof(double))
-        if part_mean == NULL or part_m2 == NULL:
+        part_mean = <double*>cbn_scratch_take(2 * n_units * sizeof(double))
+        if part_mean == NULL:
             status = -1
         else:
+            part_m2 = part_mean + n_units
             num_threads = team_size(num_threads, n_units)
             if num_threads == 1:
                 for u in range(n_units):
@@ -485,12 +490,13 @@ cdef int batch_stats_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
         n_tiles = ceil_div(W, TILE_COLS)
         n_units = n_chunks * n_tiles
         num_threads = team_size(num_threads, n_units)
-        part_mean = <double*>malloc(n_chunks * W * sizeof(double))
-        part_m2 = <double*>malloc(n_chunks * W * sizeof(double))
-        scratch = <double*>malloc(<size_t>num_threads * 2 * TILE_COLS * sizeof(double))
-        if part_mean == NULL or part_m2 == NULL or scratch == NULL:
+        part_mean = <double*>cbn_scratch_take(
+            (2 * n_chunks * W + <size_t>num_threads * 2 * TILE_COLS) * sizeof(double))
+        if part_mean == NULL:
             status = -1
         else:
+            part_m2 = part_mean + n_chunks * W
+            scratch = part_m2 + n_chunks * W  # a tile's accumulators per thread
             if num_threads == 1:
                 for u in range(n_units):
                     interleaved_stats_tile(xp, outer, W, rows_per_chunk, n_tiles, u,
@@ -512,9 +518,7 @@ cdef int batch_stats_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
                     chan_merge(&n, &m, &m2, <double>outer, part_mean[j], part_m2[j])
                 mean[c] = m
                 var[c] = m2 / total
-    free(part_mean)
-    free(part_m2)
-    free(scratch)
+    cbn_scratch_give(part_mean)
     return status
 
 
@@ -890,11 +894,11 @@ cdef int grad_sums_impl(const floating* dyp, const floating* xp,
     if sweeps_rows(outer, C, inner):
         rows_per_chunk = sweep_rows_per_chunk(outer, C, inner)
         n_chunks = ceil_div(outer, rows_per_chunk)
-        part_s = <double*>malloc(n_chunks * C * sizeof(double))
-        part_p = <double*>malloc(n_chunks * C * sizeof(double))
-        if part_s == NULL or part_p == NULL:
+        part_s = <double*>cbn_scratch_take(2 * n_chunks * C * sizeof(double))
+        if part_s == NULL:
             status = -1
         else:
+            part_p = part_s + n_chunks * C
             num_threads = team_size(num_threads, n_chunks)
             if num_threads == 1:
                 sweep_grad_sums_chunk(dyp, xp, outer, C, inner, rows_per_chunk, 0,
@@ -915,11 +919,11 @@ cdef int grad_sums_impl(const floating* dyp, const floating* xp,
         per_unit = planar_outer_per_unit(outer, inner)
         n_chunks = ceil_div(outer, per_unit)
         n_units = C * n_chunks
-        part_s = <double*>malloc(n_units * sizeof(double))
-        part_p = <double*>malloc(n_units * sizeof(double))
-        if part_s == NULL or part_p == NULL:
+        part_s = <double*>cbn_scratch_take(2 * n_units * sizeof(double))
+        if part_s == NULL:
             status = -1
         else:
+            part_p = part_s + n_units
             num_threads = team_size(num_threads, n_units)
             if num_threads == 1:
                 for u in range(n_units):
@@ -943,13 +947,13 @@ cdef int grad_sums_impl(const floating* dyp, const floating* xp,
         n_chunks = ceil_div(outer, rows_per_chunk)
         n_tiles = ceil_div(W, TILE_COLS)
         n_units = n_chunks * n_tiles
-        part_s = <double*>malloc(n_chunks * W * sizeof(double))
-        part_p = <double*>malloc(n_chunks * W * sizeof(double))
-        if inner > 1:  # per-column means; for (N, C) they are the per-channel ones
-            mean_cols = <double*>malloc(W * sizeof(double))
-        if part_s == NULL or part_p == NULL or (inner > 1 and mean_cols == NULL):
+        # And per-column means; for (N, C) they are the per-channel ones.
+        part_s = <double*>cbn_scratch_take((2 * n_chunks + 1) * W * sizeof(double))
+        if part_s == NULL:
             status = -1
         else:
+            part_p = part_s + n_chunks * W
+            mean_cols = part_p + n_chunks * W
             if inner > 1:
                 expand_to_columns(mean, C, inner, mean_cols)
                 mean = mean_cols
@@ -975,9 +979,7 @@ cdef int grad_sums_impl(const floating* dyp, const floating* xp,
                     p = p + part_p[c * inner + i]
                 sum_dy[c] = s
                 dotp[c] = p
-    free(part_s)
-    free(part_p)
-    free(mean_cols)
+    cbn_scratch_give(part_s)
     return status
 
 

@@ -110,3 +110,26 @@ def test_a_forked_child_does_not_hang():
                          text=True, timeout=120, cwd=os.path.dirname(__file__))
     assert out.returncode == 0, out.stderr
     assert abs(float(out.stdout)) < 1.0   # a normalized batch sums to ~0
+
+
+def test_python_threads_calling_at_once_get_their_own_results(rng, restore_threads):
+    # The kernels release the GIL and share one kept scratch block between
+    # calls (cbn/_scratch.h): concurrent calls of different sizes must each
+    # get the results of a call made alone.
+    from concurrent.futures import ThreadPoolExecutor
+    cbn.set_num_threads(1)
+    shapes = [(512, 96), (64, 8, 3), (300, 40, 7), (40, 24, 300), (1000, 33)]
+    xs = [make_input(rng, shape, 1, np.float32, offset=10.0) for shape in shapes]
+    dys = [rng.standard_normal(x.shape).astype(np.float32) for x in xs]
+
+    def step(i):
+        y, mean, invstd = cbn.batch_norm_forward(xs[i])
+        return [y, mean, invstd, *cbn.batch_norm_backward(dys[i], xs[i], mean, invstd)]
+
+    alone = [step(i) for i in range(len(xs))]
+    calls = [i % len(xs) for i in range(200)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(step, calls))
+    for i, results in zip(calls, together):
+        for a, b in zip(alone[i], results):
+            assert a.tobytes() == b.tobytes()
