@@ -23,6 +23,10 @@
 #   Its per-column scratch (partials, expanded parameters) is at most
 #   UNIT_ELEMS columns' worth or a small fraction of x.
 #
+# A reduction's partials take one block of scratch memory, kept between calls
+# (_scratch.h): a fresh block of megabytes would be faulted in page by page on
+# every call.
+#
 # Determinism: the split of a reduction into units depends only on the shape,
 # each unit writes its own partial results, and partials are merged in a fixed
 # order after the parallel region. Elementwise passes (normalize, input
@@ -65,7 +69,7 @@ cdef extern from "_scratch.h" nogil:
 cdef enum:
     PLANAR_MIN_INNER = 32  # runs at least this long are walked one by one
     BLOCK = 2048           # elements reduced two-pass while in L1
-    UNIT_ELEMS = 65536     # target elements per parallel work unit
+    UNIT_ELEMS = 65536     # target elements per unit of a reduction
     TILE_COLS = 4096       # columns per interleaved work unit (whole rows of
                            # (N, C) for C up to 4096: the reads stream)
     MIN_CHUNK_ROWS = 64    # interleaved units span about this many rows or more
