@@ -511,9 +511,13 @@ cdef int batch_stats_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
                         interleaved_stats_tile(xp, outer, W, rows_per_chunk, n_tiles, u,
                                                scratch + threadid() * 2 * TILE_COLS,
                                                part_mean, part_m2)
-            # Row chunks merge into chunk 0's columns, then columns into channels.
+            # Row chunks merge into chunk 0's columns, then columns into channels
+            # (for (N, C) the columns are the channels: a loop that vectorizes).
             merge_row_chunks(part_mean, part_m2, W, outer, rows_per_chunk, n_chunks, 1.0)
-            for c in range(C):
+            for c in range(C if inner == 1 else 0):
+                mean[c] = part_mean[c]
+                var[c] = part_m2[c] / total
+            for c in range(C if inner > 1 else 0):
                 n = 0
                 m = 0
                 m2 = 0
