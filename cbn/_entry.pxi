@@ -247,9 +247,9 @@ cdef void running_update(double* running_mean, double* running_var,
 
 
 cdef object plain_forward(cnp.ndarray x, Block b, object weight, object bias,
-                    object running_mean, object running_var, double eps,
-                    bint batch_stats, bint update, double factor, object out,
-                    object save_mean, object save_invstd, object save_weight):
+                          object running_mean, object running_var, double eps,
+                          bint batch_stats, bint update, double factor, object out,
+                          object save_mean, object save_invstd, object save_weight):
     """y, or None when an argument is not the plain case. With ``update`` the
     running statistics are updated in place; the save_* arrays (plain float64
     (C,) or None) receive what backward needs."""
@@ -331,8 +331,8 @@ cdef int backward_kernels(const void* dyp, const void* xp, void* dxp, Block b,
 
 
 cdef object plain_backward(cnp.ndarray dy, cnp.ndarray x, Block b, object save_mean,
-                     object save_invstd, object weight, bint training, object out,
-                     int grad_typenum):
+                           object save_invstd, object weight, bint training,
+                           object out, int grad_typenum):
     """(dx, grad_weight, grad_bias), or None when an argument is not the plain
     case."""
     cdef Py_ssize_t k, C = b.C, n = b.outer * b.inner
@@ -394,12 +394,12 @@ def fast_batch_norm(x, running_mean, running_var, weight, bias, training,
             return None
         if not has_running and (running_mean is not None or running_var is not None):
             return None
-        return plain_forward(x, b, weight, bias, running_mean, running_var, eps_c, True,
-                       has_running, momentum_c, out, None, None, None)
+        return plain_forward(x, b, weight, bias, running_mean, running_var, eps_c,
+                             True, has_running, momentum_c, out, None, None, None)
     if not has_running:
         return None
     return plain_forward(x, b, weight, bias, running_mean, running_var, eps_c, False,
-                   False, 0.0, out, None, None, None)
+                         False, 0.0, out, None, None, None)
 
 
 def fast_batch_norm_forward(x, weight, bias, eps, axis, out):
@@ -412,7 +412,7 @@ def fast_batch_norm_forward(x, weight, bias, eps, axis, out):
     save_mean = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&b.C, cnp.NPY_DOUBLE, 0)
     save_invstd = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&b.C, cnp.NPY_DOUBLE, 0)
     y = plain_forward(x, b, weight, bias, None, None, eps_c, True, False, 0.0, out,
-                save_mean, save_invstd, None)
+                      save_mean, save_invstd, None)
     if y is None:
         return None
     return y, save_mean, save_invstd
@@ -429,8 +429,9 @@ def fast_layer_forward(x, axis, int min_ndim, int max_ndim, Py_ssize_t num_chann
     if (not plain_input(x, axis, min_ndim, max_ndim, &b) or b.C != num_channels
             or not plain_number(eps, 0.0, 1e308, True, &eps_c)):
         return None
-    return plain_forward(x, b, weight, bias, running_mean, running_var, eps_c, batch_stats,
-                   update, factor, None, save_mean, save_invstd, save_weight)
+    return plain_forward(x, b, weight, bias, running_mean, running_var, eps_c,
+                         batch_stats, update, factor, None, save_mean, save_invstd,
+                         save_weight)
 
 
 def fast_backward(dy, x, axis, save_mean, save_invstd, weight, training, out,
@@ -451,7 +452,7 @@ def fast_backward(dy, x, axis, save_mean, save_invstd, weight, training, out,
     else:
         return None
     return plain_backward(dy, x, b, save_mean, save_invstd, weight, training, out,
-                    grad_typenum)
+                          grad_typenum)
 
 
 import numpy

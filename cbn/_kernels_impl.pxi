@@ -514,18 +514,20 @@ cdef int batch_stats_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
             # Row chunks merge into chunk 0's columns, then columns into channels
             # (for (N, C) the columns are the channels: a loop that vectorizes).
             merge_row_chunks(part_mean, part_m2, W, outer, rows_per_chunk, n_chunks, 1.0)
-            for c in range(C if inner == 1 else 0):
-                mean[c] = part_mean[c]
-                var[c] = part_m2[c] / total
-            for c in range(C if inner > 1 else 0):
-                n = 0
-                m = 0
-                m2 = 0
-                for i in range(inner):
-                    j = c * inner + i
-                    chan_merge(&n, &m, &m2, <double>outer, part_mean[j], part_m2[j])
-                mean[c] = m
-                var[c] = m2 / total
+            if inner == 1:
+                for c in range(C):
+                    mean[c] = part_mean[c]
+                    var[c] = part_m2[c] / total
+            else:
+                for c in range(C):
+                    n = 0
+                    m = 0
+                    m2 = 0
+                    for i in range(inner):
+                        j = c * inner + i
+                        chan_merge(&n, &m, &m2, <double>outer, part_mean[j], part_m2[j])
+                    mean[c] = m
+                    var[c] = m2 / total
     cbn_scratch_give(part_mean)
     return status
 
