@@ -109,8 +109,8 @@ extensions = [
         sources=[f"cbn/{name}.pyx"],
         include_dirs=["cbn", numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        depends=["cbn/_kernels_impl.pxi", "cbn/_entry.pxi", "cbn/_omp_compat.h",
-                 "cbn/_stream.h", "cbn/_scratch.h"],
+        depends=["cbn/_kernels_impl.pxi", "cbn/_entry.pxi", "cbn/_inference.pxi",
+                 "cbn/_omp_compat.h", "cbn/_stream.h", "cbn/_scratch.h"],
         extra_compile_args=base_args + simd_args + omp,
         extra_link_args=[f for f in omp if f != "/openmp"],
     )

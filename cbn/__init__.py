@@ -7,14 +7,17 @@ typed Cython with OpenMP; :mod:`cbn.reference` holds their plain-NumPy twins.
 """
 from . import reference  # noqa: F401  (cbn.reference is public)
 from ._threads import get_num_threads, set_num_threads
+from .folding import fold_into_conv, fold_into_linear
+from .frozen import FrozenBatchNorm
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward, batch_stats
 from .layer import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+    "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FrozenBatchNorm",
     "batch_norm", "batch_stats", "batch_norm_forward", "batch_norm_backward",
+    "fold_into_linear", "fold_into_conv",
     "get_num_threads", "set_num_threads", "show_config",
 ]
 

@@ -64,6 +64,20 @@ def momentum(value, allow_none=True):
     return value
 
 
+ACTIVATIONS = (None, "relu")
+
+
+def activation(value):
+    """The ``activation`` argument: None or "relu". Returns True for "relu"."""
+    if value is not None and not isinstance(value, str):
+        raise TypeError(
+            f"activation must be None or 'relu', got {type(value).__name__}"
+        )
+    if value not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or 'relu', got {value!r}")
+    return value == "relu"
+
+
 def integer(value, name, what="an integer"):
     """``value`` as a Python int; TypeError for bools, floats and the rest."""
     if isinstance(value, (bool, np.bool_)):
@@ -90,7 +104,12 @@ def to_numpy(value):
         value = value.detach()
         if hasattr(value, "cpu"):
             value = value.cpu()
-        return value.numpy()
+        try:
+            return value.numpy()
+        except TypeError:  # dtypes NumPy lacks (bfloat16): go through float32
+            if not hasattr(value, "float"):
+                raise
+            return value.float().numpy()
     try:
         return np.asarray(value)
     except Exception as exc:  # ragged sequences and other non-arrays

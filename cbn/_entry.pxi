@@ -213,6 +213,16 @@ cdef object plain_output(object out, cnp.ndarray x, object also_read,
     return out
 
 
+def shares_memory(a, b):
+    """Whether two NumPy arrays may share memory (False when either is not an
+    ndarray: cbn copies other array-likes before writing anything)."""
+    if not (cnp.PyArray_Check(a) and cnp.PyArray_Check(b)):
+        return False
+    if plain_float_array(a) and plain_float_array(b):
+        return not disjoint(a, b)
+    return bool(numpy.may_share_memory(a, b))
+
+
 # ---------------------------------------------------------------------------
 # The computations, on checked arguments
 
@@ -222,16 +232,17 @@ cdef enum:
 
 
 cdef int forward_kernels(const void* xp, void* yp, Block b, double eps,
-                         bint batch_stats, double* s, int threads) noexcept nogil:
+                         bint batch_stats, bint relu, double* s,
+                         int threads) noexcept nogil:
     """forward_impl on the rows of ``s`` for the block's dtype."""
     cdef Py_ssize_t C = b.C
     if b.typenum == cnp.NPY_FLOAT:
         return forward_impl(<const float*>xp, b.outer, C, b.inner, s + S_WEIGHT * C,
                             s + S_BIAS * C, eps, batch_stats, s + S_MEAN * C,
-                            s + S_VAR * C, s + S_INVSTD * C, <float*>yp, threads)
+                            s + S_VAR * C, s + S_INVSTD * C, <float*>yp, relu, threads)
     return forward_impl(<const double*>xp, b.outer, C, b.inner, s + S_WEIGHT * C,
                         s + S_BIAS * C, eps, batch_stats, s + S_MEAN * C,
-                        s + S_VAR * C, s + S_INVSTD * C, <double*>yp, threads)
+                        s + S_VAR * C, s + S_INVSTD * C, <double*>yp, relu, threads)
 
 
 cdef void running_update(double* running_mean, double* running_var,
@@ -248,8 +259,9 @@ cdef void running_update(double* running_mean, double* running_var,
 
 cdef object plain_forward(cnp.ndarray x, Block b, object weight, object bias,
                           object running_mean, object running_var, double eps,
-                          bint batch_stats, bint update, double factor, object out,
-                          object save_mean, object save_invstd, object save_weight):
+                          bint batch_stats, bint update, double factor, bint relu,
+                          object out, object save_mean, object save_invstd,
+                          object save_weight):
     """y, or None when an argument is not the plain case. With ``update`` the
     running statistics are updated in place; the save_* arrays (plain float64
     (C,) or None) receive what backward needs."""
@@ -286,7 +298,7 @@ cdef object plain_forward(cnp.ndarray x, Block b, object weight, object bias,
         xp = cnp.PyArray_DATA(x)
         yp = cnp.PyArray_DATA(<cnp.ndarray>y)
         with nogil:
-            status = forward_kernels(xp, yp, b, eps, batch_stats, s,
+            status = forward_kernels(xp, yp, b, eps, batch_stats, relu, s,
                                      threads_for_c(n * C))
         check_scratch(status)
         if update:
@@ -376,8 +388,8 @@ cdef object plain_backward(cnp.ndarray dy, cnp.ndarray x, Block b, object save_m
 # Entry points (each returns None for the general path to take over)
 
 def fast_batch_norm(x, running_mean, running_var, weight, bias, training,
-                    momentum, eps, axis, out):
-    """cbn.batch_norm for the plain case."""
+                    momentum, eps, axis, out, bint relu):
+    """cbn.batch_norm for the plain case (relu: the activation is "relu")."""
     cdef Block b
     cdef double eps_c, momentum_c = 0
     cdef bint has_running = running_mean is not None and running_var is not None
@@ -395,11 +407,11 @@ def fast_batch_norm(x, running_mean, running_var, weight, bias, training,
         if not has_running and (running_mean is not None or running_var is not None):
             return None
         return plain_forward(x, b, weight, bias, running_mean, running_var, eps_c,
-                             True, has_running, momentum_c, out, None, None, None)
+                             True, has_running, momentum_c, relu, out, None, None, None)
     if not has_running:
         return None
     return plain_forward(x, b, weight, bias, running_mean, running_var, eps_c, False,
-                         False, 0.0, out, None, None, None)
+                         False, 0.0, relu, out, None, None, None)
 
 
 def fast_batch_norm_forward(x, weight, bias, eps, axis, out):
@@ -411,8 +423,8 @@ def fast_batch_norm_forward(x, weight, bias, eps, axis, out):
         return None
     save_mean = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&b.C, cnp.NPY_DOUBLE, 0)
     save_invstd = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&b.C, cnp.NPY_DOUBLE, 0)
-    y = plain_forward(x, b, weight, bias, None, None, eps_c, True, False, 0.0, out,
-                      save_mean, save_invstd, None)
+    y = plain_forward(x, b, weight, bias, None, None, eps_c, True, False, 0.0, False,
+                      out, save_mean, save_invstd, None)
     if y is None:
         return None
     return y, save_mean, save_invstd
@@ -420,18 +432,19 @@ def fast_batch_norm_forward(x, weight, bias, eps, axis, out):
 
 def fast_layer_forward(x, axis, int min_ndim, int max_ndim, Py_ssize_t num_channels,
                        weight, bias, running_mean, running_var, eps,
-                       bint batch_stats, bint update, double factor,
+                       bint batch_stats, bint update, double factor, bint relu, out,
                        save_mean, save_invstd, save_weight):
-    """BatchNorm.forward for the plain case. The layer's hyper-parameters are
-    already valid; save_* are its float64 (C,) buffers for backward."""
+    """BatchNorm.forward with batch statistics for the plain case. The layer's
+    hyper-parameters are already valid; save_* are its float64 (C,) buffers
+    for backward."""
     cdef Block b
     cdef double eps_c
     if (not plain_input(x, axis, min_ndim, max_ndim, &b) or b.C != num_channels
             or not plain_number(eps, 0.0, 1e308, True, &eps_c)):
         return None
     return plain_forward(x, b, weight, bias, running_mean, running_var, eps_c,
-                         batch_stats, update, factor, None, save_mean, save_invstd,
-                         save_weight)
+                         batch_stats, update, factor, relu, out, save_mean,
+                         save_invstd, save_weight)
 
 
 def fast_backward(dy, x, axis, save_mean, save_invstd, weight, training, out,

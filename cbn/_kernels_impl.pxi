@@ -560,35 +560,49 @@ cdef inline void expand_to_columns(const double* per_channel, Py_ssize_t C,
 
 
 cdef inline void normalize_span(const floating* x, floating* y, Py_ssize_t n,
-                                double mean, double scale, double shift) noexcept nogil:
-    """y = (x - mean) * scale + shift over n values of one channel, in double."""
+                                double mean, double scale, double shift,
+                                bint relu) noexcept nogil:
+    """y = (x - mean) * scale + shift over n values of one channel, in double;
+    with relu, negative results become 0 (NaN stays NaN, as in PyTorch)."""
     cdef Py_ssize_t i
-    for i in range(n):
-        y[i] = <floating>((x[i] - mean) * scale + shift)
+    cdef floating v
+    if relu:  # a loop per variant: no branch per element
+        for i in range(n):
+            v = <floating>((x[i] - mean) * scale + shift)
+            y[i] = 0 if v < 0 else v
+    else:
+        for i in range(n):
+            y[i] = <floating>((x[i] - mean) * scale + shift)
 
 
 cdef inline void normalize_span_cols(const floating* x, floating* y, Py_ssize_t n,
                                      const double* m_cols, const double* s_cols,
-                                     const double* b_cols) noexcept nogil:
+                                     const double* b_cols, bint relu) noexcept nogil:
     """The same along a row, with per-column parameters."""
     cdef Py_ssize_t j
-    for j in range(n):
-        y[j] = <floating>((x[j] - m_cols[j]) * s_cols[j] + b_cols[j])
+    cdef floating v
+    if relu:
+        for j in range(n):
+            v = <floating>((x[j] - m_cols[j]) * s_cols[j] + b_cols[j])
+            y[j] = 0 if v < 0 else v
+    else:
+        for j in range(n):
+            y[j] = <floating>((x[j] - m_cols[j]) * s_cols[j] + b_cols[j])
 
 
 cdef inline void normalize_run(const floating* x, floating* y, Py_ssize_t n,
-                               double mean, double scale, double shift,
+                               double mean, double scale, double shift, bint relu,
                                bint stream) noexcept nogil:
     """One channel's contiguous run, written directly or streamed."""
     cdef floating staged[STAGE]
     cdef Py_ssize_t start, length
     if not stream:
-        normalize_span(x, y, n, mean, scale, shift)
+        normalize_span(x, y, n, mean, scale, shift, relu)
         return
     start = 0
     while start < n:
         length = min(<Py_ssize_t>STAGE, n - start)
-        normalize_span(x + start, staged, length, mean, scale, shift)
+        normalize_span(x + start, staged, length, mean, scale, shift, relu)
         cbn_stream_copy(y + start, staged, length * sizeof(floating))
         start += length
 
@@ -596,19 +610,20 @@ cdef inline void normalize_run(const floating* x, floating* y, Py_ssize_t n,
 cdef inline void normalize_rows(const floating* xp, floating* yp, Py_ssize_t W,
                                 Py_ssize_t r_start, Py_ssize_t r_stop,
                                 const double* m_cols, const double* s_cols,
-                                const double* b_cols, bint stream) noexcept nogil:
+                                const double* b_cols, bint relu,
+                                bint stream) noexcept nogil:
     """Rows r_start:r_stop of the interleaved walk, with per-column parameters."""
     cdef floating staged[STAGE]
     cdef Py_ssize_t r, start, length
     for r in range(r_start, r_stop):
         if not stream:
-            normalize_span_cols(xp + r * W, yp + r * W, W, m_cols, s_cols, b_cols)
+            normalize_span_cols(xp + r * W, yp + r * W, W, m_cols, s_cols, b_cols, relu)
             continue
         start = 0
         while start < W:
             length = min(<Py_ssize_t>STAGE, W - start)
             normalize_span_cols(xp + r * W + start, staged, length, m_cols + start,
-                                s_cols + start, b_cols + start)
+                                s_cols + start, b_cols + start, relu)
             cbn_stream_copy(yp + r * W + start, staged, length * sizeof(floating))
             start += length
     if stream:
@@ -618,14 +633,15 @@ cdef inline void normalize_rows(const floating* xp, floating* yp, Py_ssize_t W,
 cdef inline void normalize_elems(const floating* xp, floating* yp, Py_ssize_t C,
                                  Py_ssize_t inner, Py_ssize_t start, Py_ssize_t stop,
                                  const double* mean, const double* scale,
-                                 const double* shift, bint stream) noexcept nogil:
+                                 const double* shift, bint relu,
+                                 bint stream) noexcept nogil:
     """Elements start:stop of the planar walk, run by run (run s is channel s % C)."""
     cdef Py_ssize_t i = start, seg, n
     while i < stop:
         seg = i // inner
         n = min((seg + 1) * inner, stop) - i
         normalize_run(xp + i, yp + i, n, mean[seg % C], scale[seg % C],
-                      shift[seg % C], stream)
+                      shift[seg % C], relu, stream)
         i += n
     if stream:
         cbn_stream_fence()
@@ -637,10 +653,10 @@ cdef int normalize_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
                         const double* scale,   # IN (C,)
                         const double* shift,   # IN (C,)
                         floating* yp,          # OUT, may be xp itself
-                        bint stream,
+                        bint relu, bint stream,
                         int num_threads) noexcept nogil:
-    """y = (x - mean) * scale + shift per channel. Returns 0, or -1 when
-    scratch space cannot be allocated."""
+    """y = (x - mean) * scale + shift per channel, then max(y, 0) with relu.
+    Returns 0, or -1 when scratch space cannot be allocated."""
     cdef Py_ssize_t k, W, n = outer * C * inner
     cdef double* cols = NULL
     cdef const double* m_cols = mean
@@ -649,13 +665,13 @@ cdef int normalize_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
     if planar_walk(outer, C, inner):
         num_threads = team_size(num_threads, n // SHARE_GRANULE)
         if num_threads == 1:
-            normalize_elems(xp, yp, C, inner, 0, n, mean, scale, shift, stream)
+            normalize_elems(xp, yp, C, inner, 0, n, mean, scale, shift, relu, stream)
         else:
             for k in prange(num_threads, schedule='static', num_threads=num_threads):
                 normalize_elems(xp, yp, C, inner,
                                 share_start(n, k, num_threads, SHARE_GRANULE),
                                 share_start(n, k + 1, num_threads, SHARE_GRANULE),
-                                mean, scale, shift, stream)
+                                mean, scale, shift, relu, stream)
         return 0
     W = C * inner
     if inner > 1:  # per-column copies of the parameters; for (N, C) they are per-channel
@@ -668,12 +684,12 @@ cdef int normalize_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
         m_cols, s_cols, b_cols = cols, cols + W, cols + 2 * W
     num_threads = team_size(num_threads, outer)
     if num_threads == 1:
-        normalize_rows(xp, yp, W, 0, outer, m_cols, s_cols, b_cols, stream)
+        normalize_rows(xp, yp, W, 0, outer, m_cols, s_cols, b_cols, relu, stream)
     else:
         for k in prange(num_threads, schedule='static', num_threads=num_threads):
             normalize_rows(xp, yp, W, share_start(outer, k, num_threads, 1),
                            share_start(outer, k + 1, num_threads, 1),
-                           m_cols, s_cols, b_cols, stream)
+                           m_cols, s_cols, b_cols, relu, stream)
     free(cols)
     return 0
 
@@ -706,7 +722,7 @@ cdef inline void train_forward_channel(const floating* xp, Py_ssize_t outer,
                                        double* var,      # OUT, slot c
                                        double* invstd,   # OUT, slot c
                                        floating* yp,
-                                       bint stream) noexcept nogil:
+                                       bint relu, bint stream) noexcept nogil:
     """Channel c of the fused training forward: statistics, then normalization."""
     cdef Py_ssize_t o
     cdef double m, v, inv, s, b
@@ -720,7 +736,7 @@ cdef inline void train_forward_channel(const floating* xp, Py_ssize_t outer,
     b = bias[c]
     for o in range(outer):
         normalize_run(xp + (o * C + c) * inner, yp + (o * C + c) * inner,
-                      inner, m, s, b, stream)
+                      inner, m, s, b, relu, stream)
     if stream:
         cbn_stream_fence()
 
@@ -734,7 +750,7 @@ cdef void train_forward_fused_impl(const floating* xp, Py_ssize_t outer,
                                    double* var,           # OUT (C,), biased
                                    double* invstd,        # OUT (C,)
                                    floating* yp,          # OUT, may be xp itself
-                                   bint stream,
+                                   bint relu, bint stream,
                                    int num_threads) noexcept nogil:
     """Statistics and normalization channel by channel, so that each channel is
     read from memory once and re-read from cache. Only for shapes where
@@ -744,11 +760,11 @@ cdef void train_forward_fused_impl(const floating* xp, Py_ssize_t outer,
     if num_threads == 1:
         for c in range(C):
             train_forward_channel(xp, outer, C, inner, c, weight, bias, eps,
-                                  mean, var, invstd, yp, stream)
+                                  mean, var, invstd, yp, relu, stream)
     else:
         for c in prange(C, schedule='static', num_threads=num_threads):
             train_forward_channel(xp, outer, C, inner, c, weight, bias, eps,
-                                  mean, var, invstd, yp, stream)
+                                  mean, var, invstd, yp, relu, stream)
 
 
 # ---------------------------------------------------------------------------
@@ -1146,7 +1162,8 @@ cdef inline void backward_channel(const floating* dyp, const floating* xp,
             grad_input_run(dyp + offset, xp + offset, dxp + offset, inner, mean[c],
                            mean_dy, proj, scale, stream)
         else:
-            normalize_run(dyp + offset, dxp + offset, inner, 0.0, scale, 0.0, stream)
+            normalize_run(dyp + offset, dxp + offset, inner, 0.0, scale, 0.0, False,
+                          stream)
     if stream:
         cbn_stream_fence()
 
@@ -1164,17 +1181,18 @@ cdef int forward_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
                       double* var,           # OUT (C,) biased batch var; IN running var
                       double* invstd,        # OUT (C,)
                       floating* yp,          # OUT, may be xp itself
+                      bint relu,
                       int num_threads) noexcept nogil:
     """y = (x - mean) * invstd * weight + bias, with the batch statistics
-    (computed here) or given running ones. Returns 0, or -1 when scratch space
-    cannot be allocated."""
+    (computed here) or given running ones; then max(y, 0) with relu. Returns 0,
+    or -1 when scratch space cannot be allocated."""
     cdef Py_ssize_t c
     cdef double* scale
     cdef int status
     cdef bint stream = streams(outer * C * inner * sizeof(floating))
     if batch_stats and fuses(outer, C, inner, sizeof(floating)):
         train_forward_fused_impl(xp, outer, C, inner, weight, bias, eps, mean, var,
-                                 invstd, yp, stream, num_threads)
+                                 invstd, yp, relu, stream, num_threads)
         return 0
     if batch_stats:
         status = batch_stats_impl(xp, outer, C, inner, mean, var, num_threads)
@@ -1186,7 +1204,7 @@ cdef int forward_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
     for c in range(C):
         invstd[c] = 1.0 / sqrt(var[c] + eps)
         scale[c] = invstd[c] * weight[c]
-    status = normalize_impl(xp, outer, C, inner, mean, scale, bias, yp, stream,
+    status = normalize_impl(xp, outer, C, inner, mean, scale, bias, yp, relu, stream,
                             num_threads)
     free(scale)
     return status
@@ -1237,8 +1255,8 @@ cdef int backward_impl(const floating* dyp, const floating* xp, Py_ssize_t outer
     else:
         for c in range(C):
             s[C + c] = 0
-        status = normalize_impl(dyp, outer, C, inner, s + C, s, s + C, dxp, stream,
-                                num_threads)
+        status = normalize_impl(dyp, outer, C, inner, s + C, s, s + C, dxp, False,
+                                stream, num_threads)
     free(s)
     return status
 
@@ -1252,13 +1270,14 @@ def forward(const floating[:, :, ::1] x,
             double[::1] var,       # OUT biased batch var, or IN running var
             double[::1] invstd,    # OUT
             floating[:, :, ::1] out,   # OUT, may be x itself
+            bint relu,
             int num_threads):
     """forward_impl for a non-empty (outer, C, inner) view."""
     cdef int status
     with nogil:
         status = forward_impl(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2],
                               &weight[0], &bias[0], eps, batch_stats, &mean[0],
-                              &var[0], &invstd[0], &out[0, 0, 0], num_threads)
+                              &var[0], &invstd[0], &out[0, 0, 0], relu, num_threads)
     check_scratch(status)
 
 

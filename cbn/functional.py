@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _checks
 from ._dispatch import kernels
-from ._layout import Output, channel_view, like_view
+from ._layout import Output, as_array, channel_view, like_view
 from ._threads import threads_for
 
 __all__ = ["batch_norm", "batch_stats", "batch_norm_forward", "batch_norm_backward"]
@@ -55,14 +55,15 @@ def _or_filled(vector, num_channels, fill):
     return np.full(num_channels, fill) if vector is None else vector
 
 
-def _train_forward(view, weight, bias, eps, output):
-    """Normalize with batch statistics; returns (y, mean, var, invstd) in float64."""
+def _train_forward(view, weight, bias, eps, output, relu=False):
+    """Normalize with batch statistics (then ReLU when ``relu``); returns
+    (y, mean, var, invstd), the statistics in float64."""
     num_channels = view.num_channels
     mean, var, invstd = (np.empty(num_channels) for _ in range(3))
     if view.size:
         kernels.forward(view.data, _or_filled(weight, num_channels, 1.0),
                         _or_filled(bias, num_channels, 0.0), eps, True, mean, var,
-                        invstd, output.kernel_out, threads_for(view.size))
+                        invstd, output.kernel_out, relu, threads_for(view.size))
     else:  # an empty batch: no statistics
         mean.fill(np.nan)
         var.fill(np.nan)
@@ -70,19 +71,46 @@ def _train_forward(view, weight, bias, eps, output):
     return output.finish(), mean, var, invstd
 
 
-def _eval_forward(view, running_mean, running_var, weight, bias, eps, output):
-    """Normalize with given (running) statistics, all float64 vectors.
-    Returns (y, invstd)."""
+def _eval_forward(view, running_mean, running_var, weight, bias, eps, output,
+                  relu=False):
+    """Normalize with given (running) statistics, all float64 vectors (then
+    ReLU when ``relu``). Returns (y, invstd)."""
     num_channels = view.num_channels
     invstd = np.empty(num_channels)
     if view.size:
         kernels.forward(view.data, _or_filled(weight, num_channels, 1.0),
                         _or_filled(bias, num_channels, 0.0), eps, False,
                         np.array(running_mean), np.array(running_var), invstd,
-                        output.kernel_out, threads_for(view.size))
+                        output.kernel_out, relu, threads_for(view.size))
     else:
         invstd[...] = 1.0 / np.sqrt(running_var + eps)
     return output.finish(), invstd
+
+
+def _normalize(view, params, relu, output):
+    """Inference with ready parameters (a kernels.ChannelParams); returns y."""
+    if view.size:
+        kernels.normalize(view.data, params, relu, output.kernel_out,
+                          threads_for(view.size))
+    return output.finish()
+
+
+def _scale_shift(params, dtype):
+    """The eval computation of ``params`` as ``x * scale + shift``, in ``dtype``:
+    scale = weight / sqrt(running_var + eps), shift = bias - running_mean * scale."""
+    shift = params.bias - params.mean * params.scale
+    return params.scale.astype(dtype), shift.astype(dtype)
+
+
+def _relu_grad(dy, y):
+    """The gradient through a fused ReLU: ``dy`` where the output ``y`` is
+    positive, 0 where it was clipped (or NaN), in dy's dtype."""
+    dy = as_array(dy, "dy")
+    if dy.shape != y.shape:
+        raise ValueError(
+            f"dy has shape {dy.shape}, expected the output's shape {y.shape}"
+        )
+    return np.where(y > 0, dy, dy.dtype.type(0))
 
 
 def _update_running(running_mean, running_var, mean, var, n, factor):
@@ -139,7 +167,7 @@ def batch_stats(x, *, axis=1):
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, axis=1, out=None):
+               momentum=0.1, eps=1e-5, *, axis=1, out=None, activation=None):
     """Batch normalization with the meaning of ``torch.nn.functional.batch_norm``.
 
     training=False: normalize with ``running_mean`` / ``running_var`` (required).
@@ -148,10 +176,12 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     ``running = (1 - momentum) * running + momentum * batch`` with the unbiased
     batch variance. ``axis`` is the channel axis; ``out`` an optional
     C-contiguous array of ``x``'s shape and dtype (``out=x`` works in place).
+    ``activation="relu"`` applies max(y, 0) in the same pass over memory.
     Returns ``y`` in ``x``'s dtype.
     """
+    relu = _checks.activation(activation)
     y = kernels.fast_batch_norm(x, running_mean, running_var, weight, bias, training,
-                                momentum, eps, axis, out)
+                                momentum, eps, axis, out, relu)
     if y is not None:
         return y
     view = channel_view(x, axis)
@@ -180,7 +210,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
             )
         mean = _checks.channel_vector(running_mean, num_channels, "running_mean")
         var = _checks.channel_vector(running_var, num_channels, "running_var")
-        return _eval_forward(view, mean, var, weight, bias, eps, Output(view, out))[0]
+        return _eval_forward(view, mean, var, weight, bias, eps, Output(view, out),
+                             relu)[0]
 
     if has_running:
         running_mean = _checks.running_buffer(running_mean, num_channels, "running_mean")
@@ -188,7 +219,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     _check_training_size(view)
     # The buffers are written after y: out must not overlap them either.
     output = Output(view, out, other_inputs=(running_mean, running_var) if has_running else ())
-    y, mean, var, _ = _train_forward(view, weight, bias, eps, output)
+    y, mean, var, _ = _train_forward(view, weight, bias, eps, output, relu)
     if has_running and view.size:
         _update_running(running_mean, running_var, mean, var,
                         view.values_per_channel, momentum)

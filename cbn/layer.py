@@ -1,11 +1,12 @@
 """The BatchNorm layer: parameters, running statistics and train/eval switching
 around the functional steps, with PyTorch's semantics."""
+import threading
 from collections import namedtuple
 from collections.abc import Mapping
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _state
 from . import functional as F
 from ._dispatch import kernels
 from ._layout import ChannelView, Output, as_array, channel_view, like_view
@@ -16,7 +17,14 @@ IncompatibleKeys = namedtuple("IncompatibleKeys", "missing_keys unexpected_keys"
 
 _ANY_RANK = range(2, 65)  # NumPy's maximum is 64 dimensions
 
-_STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_STATE_KEYS = _state.STATE_KEYS
+
+# What backward finds when the last forward wrote its output over its input.
+_OVERWRITTEN = object()
+
+# torch.nn classes (by name, cbn never imports torch) and their cbn counterparts,
+# filled in below the classes.
+_TORCH_NAMES = {}
 
 
 class _ChannelArray:
@@ -80,6 +88,13 @@ class BatchNorm:
     dtype : float32 or float64, keyword-only
         dtype of the parameters and buffers. Inputs of any float dtype are
         computed natively and keep their own dtype.
+    activation : None or "relu", keyword-only
+        "relu" applies max(y, 0) in the same pass over memory; backward then
+        passes the gradient only where the output was positive.
+
+    Calls from several Python threads are safe: eval calls run in parallel
+    (kernels release the GIL) and training calls take a per-layer lock, so the
+    running statistics are updated whole.
     """
 
     # Input ranks the layer accepts (None: any rank >= 2) and how to name them.
@@ -92,10 +107,11 @@ class BatchNorm:
     running_var = _ChannelArray()
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, axis=1, dtype=np.float32):
+                 track_running_stats=True, *, axis=1, dtype=np.float32, activation=None):
         self.num_features = _checks.num_features(num_features)
         self.eps = eps
         self.momentum = momentum
+        self.activation = activation
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.axis = _checks.integer(axis, "axis")
@@ -109,16 +125,29 @@ class BatchNorm:
         self.num_batches_tracked = 0 if self.track_running_stats else None
         self.grad_weight = None
         self.grad_bias = None
-        # What backward needs from the last forward: its input (the caller's
-        # array on the fast path, a ChannelView otherwise), whether it
-        # normalized with the batch's own statistics (which then depend on the
-        # input), and the mean, invstd and weight it used. The buffers are
-        # rewritten by each forward, once nothing can fail any more.
-        self._saved_input = None
-        self._saved_batch_stats = False
+        self._init_call_state()
+
+    def _init_call_state(self):
+        """What calls keep, never pickled or copied: the training lock, the
+        eval parameters' cache, and what backward needs from the last forward.
+        That is its input (the caller's array on the fast path, a ChannelView
+        otherwise), whether it normalized with the batch's own statistics
+        (which then depend on the input), the (mean, invstd, weight) it used,
+        and its output when a ReLU was fused (backward masks with it). A
+        batch-statistics forward writes its statistics into the _save_*
+        buffers, once nothing can fail any more; an eval forward refers to its
+        cached parameters' arrays."""
+        shape = (self.num_features,)
+        self._lock = threading.Lock()
+        self._eval_cache = kernels.EvalCache()
         self._save_mean = np.zeros(shape)
         self._save_invstd = np.zeros(shape)
         self._save_weight = np.zeros(shape)
+        self._batch_stats_saved = (self._save_mean, self._save_invstd, self._save_weight)
+        self._saved_input = None
+        self._saved_batch_stats = False
+        self._saved_stats = self._batch_stats_saved
+        self._saved_output = None
 
     # -- hyper-parameters, validated on assignment so calls need not re-check
 
@@ -137,6 +166,15 @@ class BatchNorm:
     @momentum.setter
     def momentum(self, value):
         self._momentum = _checks.momentum(value)
+
+    @property
+    def activation(self):
+        """None, or "relu" when a ReLU is fused after the normalization."""
+        return "relu" if self._relu else None
+
+    @activation.setter
+    def activation(self, value):
+        self._relu = _checks.activation(value)
 
     # -- modes
 
@@ -164,57 +202,91 @@ class BatchNorm:
             )
         return view
 
-    def forward(self, x):
-        """Normalize ``x``; returns a new array of ``x``'s shape and dtype."""
-        use_batch_stats = self.training or self._running_mean is None
-        update = (self.training and self.track_running_stats
-                  and self._running_mean is not None)
-        if update and self._momentum is None:  # the cumulative moving average
-            factor = 1.0 / (self.num_batches_tracked + 1)
-        else:
-            factor = self._momentum or 0.0
+    def forward(self, x, out=None):
+        """Normalize ``x``; returns an array of ``x``'s shape and dtype.
+
+        ``out``: a C-contiguous array of that shape and dtype to write instead
+        of allocating. In eval mode it may be ``x`` itself (in place); in
+        training mode it may not, since backward needs the input.
+        """
+        if self.training or self._running_mean is None:
+            return self._forward_batch_stats(x, out)
+        params = self._current_params()
         ranks = self._ranks or _ANY_RANK
-        y = kernels.fast_layer_forward(
-            x, self.axis, ranks.start, ranks.stop - 1, self.num_features,
-            self._weight, self._bias, self._running_mean, self._running_var,
-            self._eps, use_batch_stats, update, factor,
-            self._save_mean, self._save_invstd, self._save_weight)
+        y = kernels.fast_normalize(x, self.axis, ranks.start, ranks.stop - 1, params,
+                                   self._relu, out)
+        source = x
         if y is None:
-            y, x = self._forward_general(x, use_batch_stats, update, factor)
-        elif update:
-            self.num_batches_tracked += 1
-        self._saved_input = x
-        self._saved_batch_stats = use_batch_stats
+            source = self._view(x)
+            y = F._normalize(source, params, self._relu, Output(source, out))
+        self._save_source(x, out, source)
+        self._saved_batch_stats = False
+        self._saved_stats = params.stats
+        self._saved_output = y if self._relu else None
         return y
 
-    def _forward_general(self, x, use_batch_stats, update, factor):
-        """forward for what the fast path does not take; returns (y, view)."""
+    def _forward_batch_stats(self, x, out):
+        """forward with the batch's statistics: training mode, or eval mode
+        without running statistics."""
+        if out is not None and self.training and kernels.shares_memory(out, x):
+            raise ValueError(
+                f"{type(self).__name__}: a training forward cannot write its output "
+                "over its input (out=x): backward needs the input; pass a separate "
+                "out array"
+            )
+        update = (self.training and self.track_running_stats
+                  and self._running_mean is not None)
+        ranks = self._ranks or _ANY_RANK
+        with self._lock:  # the running statistics change whole or not at all
+            if update and self._momentum is None:  # the cumulative moving average
+                factor = 1.0 / (self.num_batches_tracked + 1)
+            else:
+                factor = self._momentum or 0.0
+            y = kernels.fast_layer_forward(
+                x, self.axis, ranks.start, ranks.stop - 1, self.num_features,
+                self._weight, self._bias, self._running_mean, self._running_var,
+                self._eps, True, update, factor, self._relu, out,
+                self._save_mean, self._save_invstd, self._save_weight)
+            source = x
+            if y is None:
+                y, source = self._forward_general(x, out, update, factor)
+            elif update:
+                self.num_batches_tracked += 1
+            self._save_source(x, out, source)
+            self._saved_batch_stats = True
+            self._saved_stats = self._batch_stats_saved
+            self._saved_output = y if self._relu else None
+        return y
+
+    def _save_source(self, x, out, source):
+        """Keep the forward's input (``source``: x or its view) for backward,
+        unless ``out`` was written over it."""
+        overwritten = out is not None and kernels.shares_memory(out, x)
+        self._saved_input = _OVERWRITTEN if overwritten else source
+
+    def _forward_general(self, x, out, update, factor):
+        """_forward_batch_stats for what the fast path does not take; returns
+        (y, view)."""
         view = self._view(x)
         weight = bias = None
         if self.affine:
             weight = np.array(self.weight, dtype=np.float64)
             bias = np.array(self.bias, dtype=np.float64)
-        output = Output(view)
-        if use_batch_stats:
-            F._check_training_size(view)
-            y, mean, var, invstd = F._train_forward(view, weight, bias, self.eps, output)
-            update = update and view.size > 0  # an empty batch changes nothing
-            if update:
-                F._update_running(self.running_mean, self.running_var, mean, var,
-                                  view.values_per_channel, factor)
-                self.num_batches_tracked += 1
-        else:
-            mean = np.array(self.running_mean, dtype=np.float64)
-            y, invstd = F._eval_forward(view, mean,
-                                        np.array(self.running_var, dtype=np.float64),
-                                        weight, bias, self.eps, output)
+        output = Output(view, out)
+        F._check_training_size(view)
+        y, mean, var, invstd = F._train_forward(view, weight, bias, self.eps, output,
+                                                self._relu)
+        if update and view.size:  # an empty batch changes nothing
+            F._update_running(self.running_mean, self.running_var, mean, var,
+                              view.values_per_channel, factor)
+            self.num_batches_tracked += 1
         self._save_mean[...] = mean
         self._save_invstd[...] = invstd
         self._save_weight[...] = 1.0 if weight is None else weight
         return y, view
 
-    def __call__(self, x):
-        return self.forward(x)
+    def __call__(self, x, out=None):
+        return self.forward(x, out)
 
     def backward(self, dy):
         """Gradient of the last forward's output -> gradient of its input.
@@ -228,17 +300,24 @@ class BatchNorm:
             raise ValueError(
                 f"{type(self).__name__}.backward called before any forward"
             )
+        if source is _OVERWRITTEN:
+            raise ValueError(
+                f"{type(self).__name__}.backward: the last forward wrote its output "
+                "over its input (out=x), and backward needs the input"
+            )
+        mean, invstd, weight = self._saved_stats
+        if self._saved_output is not None:  # through the fused ReLU
+            dy = F._relu_grad(dy, self._saved_output)
         result = None
         if not isinstance(source, ChannelView):
-            result = kernels.fast_backward(
-                dy, source, self.axis, self._save_mean, self._save_invstd,
-                self._save_weight, self._saved_batch_stats, None, self.dtype)
+            result = kernels.fast_backward(dy, source, self.axis, mean, invstd, weight,
+                                           self._saved_batch_stats, None, self.dtype)
         if result is None:
             view = source if isinstance(source, ChannelView) else self._view(source)
             dy_data = like_view(dy, view, "dy")
             dx, grad_weight, grad_bias = F._backward(
-                dy_data, view, self._save_mean, self._save_invstd, self._save_weight,
-                self._saved_batch_stats, Output(view))
+                dy_data, view, mean, invstd, weight, self._saved_batch_stats,
+                Output(view))
             grad_weight = grad_weight.astype(self.dtype)
             grad_bias = grad_bias.astype(self.dtype)
         else:
@@ -247,6 +326,53 @@ class BatchNorm:
             self.grad_weight = grad_weight
             self.grad_bias = grad_bias
         return dx
+
+    # -- inference forms
+
+    def fold(self):
+        """The eval-mode computation as one per-channel affine map.
+
+        Returns ``(scale, shift)`` in the layer's dtype, with
+        ``scale = weight / sqrt(running_var + eps)`` and
+        ``shift = bias - running_mean * scale``, so that the eval output is
+        ``x * scale + shift`` broadcast along the channel axis (weight 1 and
+        bias 0 when affine=False). Eval mode only: in training mode the
+        batch's statistics, not the running ones, normalize.
+        """
+        self._check_foldable("fold")
+        return F._scale_shift(self._current_params(), self.dtype)
+
+    def freeze(self):
+        """A :class:`cbn.FrozenBatchNorm` with copies of this layer's current
+        parameters, running statistics, eps, axis and activation: the fastest
+        inference form, which never changes. Needs running statistics."""
+        from .frozen import FrozenBatchNorm
+        if self._running_mean is None:
+            raise ValueError(
+                f"{type(self).__name__}.freeze() needs running statistics; this layer "
+                "has track_running_stats=False"
+            )
+        frozen = FrozenBatchNorm(self.state_dict(), eps=self.eps, axis=self.axis,
+                                 activation=self.activation, dtype=self.dtype)
+        frozen._ranks, frozen._ranks_text = self._ranks, self._ranks_text
+        return frozen
+
+    def _current_params(self):
+        return self._eval_cache.current(self._weight, self._bias, self._running_mean,
+                                        self._running_var, self._eps)
+
+    def _check_foldable(self, what):
+        if self.training:
+            raise ValueError(
+                f"{type(self).__name__}.{what}() needs eval mode: in training mode "
+                "the batch statistics normalize; call .eval() first"
+            )
+        if self._running_mean is None:
+            raise ValueError(
+                f"{type(self).__name__}.{what}() needs running statistics; this "
+                "layer has track_running_stats=False and always normalizes with "
+                "batch statistics"
+            )
 
     # -- state
 
@@ -314,6 +440,75 @@ class BatchNorm:
                 getattr(self, key)[...] = value
         return IncompatibleKeys(missing, unexpected)
 
+    # -- construction from elsewhere, copies
+
+    @classmethod
+    def from_state_dict(cls, state_dict, *, prefix="", eps=1e-5, momentum=0.1, axis=1,
+                        dtype=None, activation=None):
+        """A layer built from a state dict (PyTorch's included) alone.
+
+        ``num_features`` is inferred from the arrays, ``affine`` from the
+        presence of weight and bias, ``track_running_stats`` from that of the
+        running statistics, and the dtype (unless given) is float64 when the
+        arrays are, else float32. ``prefix`` selects one batch norm in a whole
+        model's state dict, e.g. "layer1.0.bn1". The layer starts in training
+        mode, like any new layer; call ``.eval()`` for inference.
+        """
+        owner = f"{cls.__name__}.from_state_dict"
+        found = _state.entries(state_dict, prefix, owner)
+        num_features, affine, tracking, found_dtype = _state.layout(found, owner)
+        layer = cls(num_features, eps=eps, momentum=momentum, affine=affine,
+                    track_running_stats=tracking, axis=axis,
+                    dtype=found_dtype if dtype is None else dtype, activation=activation)
+        layer.load_state_dict(found)
+        return layer
+
+    @classmethod
+    def from_torch(cls, module, *, axis=1, dtype=None, activation=None):
+        """A layer with the configuration, state and mode of a
+        ``torch.nn.BatchNorm1d/2d/3d`` (any object with its attributes:
+        num_features, eps, momentum, affine, track_running_stats, training and
+        state_dict(); cbn never imports torch).
+
+        Called on :class:`BatchNorm` itself, the result is the cbn class of
+        the same name when the module's class is one of PyTorch's, so that
+        its rank checks carry over. The dtype (unless given) is float64 for a
+        double-precision module, else float32.
+        """
+        missing = [name for name in ("num_features", "eps", "momentum", "affine",
+                                     "track_running_stats", "training", "state_dict")
+                   if not hasattr(module, name)]
+        if missing:
+            raise TypeError(
+                f"{cls.__name__}.from_torch expects a torch.nn.BatchNorm*d-like "
+                f"module; {type(module).__name__} has no attribute(s) {missing}"
+            )
+        if cls is BatchNorm:
+            cls = _TORCH_NAMES.get(type(module).__name__, BatchNorm)
+        owner = f"{cls.__name__}.from_torch"
+        found = _state.entries(module.state_dict(), "", owner)
+        _, _, _, found_dtype = _state.layout(found, owner)
+        layer = cls(module.num_features, eps=float(module.eps),
+                    momentum=None if module.momentum is None else float(module.momentum),
+                    affine=module.affine, track_running_stats=module.track_running_stats,
+                    axis=axis, dtype=found_dtype if dtype is None else dtype,
+                    activation=activation)
+        layer.load_state_dict(found)
+        return layer.train(bool(module.training))
+
+    def __getstate__(self):
+        # Parameters, buffers, hyper-parameters and gradients; not the lock,
+        # the cache or the last forward's context.
+        call_state = {"_lock", "_eval_cache", "_save_mean", "_save_invstd", "_save_weight",
+                      "_batch_stats_saved", "_saved_input", "_saved_batch_stats",
+                      "_saved_stats", "_saved_output"}
+        return {key: value for key, value in self.__dict__.items()
+                if key not in call_state}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_call_state()
+
     def __repr__(self):
         text = (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}, "
@@ -322,6 +517,8 @@ class BatchNorm:
             text += f", axis={self.axis}"
         if self.dtype != np.float32:
             text += f", dtype={self.dtype}"
+        if self._relu:
+            text += ", activation='relu'"
         return text + ")"
 
 
@@ -357,3 +554,6 @@ class BatchNorm3d(BatchNorm):
 
     _ranks = range(5, 6)
     _ranks_text = "5D"
+
+
+_TORCH_NAMES.update(BatchNorm1d=BatchNorm1d, BatchNorm2d=BatchNorm2d, BatchNorm3d=BatchNorm3d)

@@ -100,23 +100,23 @@ def test_the_fast_entry_points_take_plain_calls_and_decline_the_rest(rng):
     x = rng.standard_normal((8, 4)).astype(np.float32)
     mean, var = np.zeros(4, np.float32), np.ones(4, np.float32)
     assert kernels.fast_batch_norm(x, mean, var, None, None, False, 0.1, 1e-5,
-                                   1, None) is not None
+                                   1, None, False) is not None
     declined = [
-        (general(x), mean, var, None, None, False, 0.1, 1e-5, 1, None),
-        (x.astype(">f4"), mean, var, None, None, False, 0.1, 1e-5, 1, None),
+        (general(x), mean, var, None, None, False, 0.1, 1e-5, 1, None, False),
+        (x.astype(">f4"), mean, var, None, None, False, 0.1, 1e-5, 1, None, False),
         (np.asfortranarray(np.ones((8, 4), np.float32)), mean, var, None, None,
-         False, 0.1, 1e-5, 1, None),
-        (x, mean, var, None, None, np.True_, 0.1, 1e-5, 1, None),
-        (x, mean, var, None, None, False, 0.1, np.float64(1e-5), 1, None),
-        (x, mean, var, None, None, False, 0.1, -1.0, 1, None),
-        (x, mean, var, None, None, False, 0.1, 1e-5, 2, None),
-        (x, mean, var, None, None, False, 0.1, 1e-5, 2**70, None),
-        (x, mean, var, None, None, False, 0.1, 10**400, 1, None),
-        (x, mean, var, None, None, False, -2**70, 1e-5, 1, None),
-        (x, mean[:3], var, None, None, False, 0.1, 1e-5, 1, None),
-        (x, mean, var, None, None, False, 0.1, 1e-5, 1, x[:, :2]),
-        (x, None, None, None, None, False, 0.1, 1e-5, 1, None),
-        (x, mean, var, None, None, True, None, 1e-5, 1, None),
+         False, 0.1, 1e-5, 1, None, False),
+        (x, mean, var, None, None, np.True_, 0.1, 1e-5, 1, None, False),
+        (x, mean, var, None, None, False, 0.1, np.float64(1e-5), 1, None, False),
+        (x, mean, var, None, None, False, 0.1, -1.0, 1, None, False),
+        (x, mean, var, None, None, False, 0.1, 1e-5, 2, None, False),
+        (x, mean, var, None, None, False, 0.1, 1e-5, 2**70, None, False),
+        (x, mean, var, None, None, False, 0.1, 10**400, 1, None, False),
+        (x, mean, var, None, None, False, -2**70, 1e-5, 1, None, False),
+        (x, mean[:3], var, None, None, False, 0.1, 1e-5, 1, None, False),
+        (x, mean, var, None, None, False, 0.1, 1e-5, 1, x[:, :2], False),
+        (x, None, None, None, None, False, 0.1, 1e-5, 1, None, False),
+        (x, mean, var, None, None, True, None, 1e-5, 1, None, False),
     ]
     for args in declined:
         assert kernels.fast_batch_norm(*args) is None

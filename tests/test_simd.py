@@ -32,7 +32,7 @@ def all_kernel_results(kernels, x, dy, axis):
                  np.empty(num_channels) if batch_stats else var.copy(),
                  np.empty(num_channels)]
         y = np.empty_like(view.data)
-        kernels.forward(view.data, weight, bias, 1e-5, batch_stats, *stats, y, 2)
+        kernels.forward(view.data, weight, bias, 1e-5, batch_stats, *stats, y, False, 2)
         results += stats + [y]
     for training in (True, False):
         sum_dy, dotp = np.empty(num_channels), np.empty(num_channels)

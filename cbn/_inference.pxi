@@ -1,0 +1,199 @@
+# Inference with per-channel parameters computed once.
+#
+# Design: an inference call is y = (x - mean) * scale + bias per channel (then
+# ReLU), where mean is the running mean and scale = invstd * weight with
+# invstd = 1 / sqrt(running_var + eps): exactly what forward_impl computes in
+# eval mode, so the cached parameters give the same bits as every other eval
+# path. ChannelParams holds them, built once and never changed afterwards: a
+# call that runs without the GIL may still be reading one after its layer has
+# moved on to a new one (the call holds a reference to it meanwhile).
+#
+# EvalCache gives a BatchNorm layer the ChannelParams of its current weight,
+# bias, running statistics and eps. A layer's arrays can be edited in place
+# through any reference, so changes are detected by content: the cache keeps
+# a copy of their bytes and compares it on each call (memcmp of 4 * C values,
+# cheaper than rebuilding, and it cannot miss an edit). Lookups run with the
+# GIL held, so concurrent Python threads see a consistent cache.
+
+from libc.string cimport memcmp, memcpy
+
+
+cdef class ChannelParams:
+    """Float64 per-channel parameters of an inference call, as read-only (C,)
+    arrays: ``mean``, ``invstd``, ``weight``, ``bias`` and
+    ``scale = invstd * weight``. ``stats`` is ``(mean, invstd, weight)``, what
+    backward needs. Built from float64 arrays of one length, copied."""
+
+    cdef readonly object mean, invstd, weight, bias, scale, stats
+    cdef readonly Py_ssize_t num_channels
+    cdef const double* mean_p
+    cdef const double* scale_p
+    cdef const double* bias_p
+
+    def __init__(self, mean, invstd, weight, bias):
+        cdef Py_ssize_t c
+        cdef double* sc
+        cdef const double* inv
+        cdef const double* w
+        arrays = [numpy.array(a, dtype=numpy.float64, order="C")
+                  for a in (mean, invstd, weight, bias)]
+        if any(a.ndim != 1 or a.shape != arrays[0].shape for a in arrays):
+            raise ValueError("ChannelParams: mean, invstd, weight and bias must be 1D "
+                             f"and of one length, got {[a.shape for a in arrays]}")
+        self.mean, self.invstd, self.weight, self.bias = arrays
+        self.num_channels = self.mean.shape[0]
+        self.scale = numpy.empty(self.num_channels)
+        sc = <double*>cnp.PyArray_DATA(<cnp.ndarray>self.scale)
+        inv = <const double*>cnp.PyArray_DATA(<cnp.ndarray>self.invstd)
+        w = <const double*>cnp.PyArray_DATA(<cnp.ndarray>self.weight)
+        for c in range(self.num_channels):
+            sc[c] = inv[c] * w[c]
+        for a in (self.mean, self.invstd, self.weight, self.bias, self.scale):
+            a.flags.writeable = False
+        self.stats = (self.mean, self.invstd, self.weight)
+        self.mean_p = <const double*>cnp.PyArray_DATA(<cnp.ndarray>self.mean)
+        self.scale_p = sc
+        self.bias_p = <const double*>cnp.PyArray_DATA(<cnp.ndarray>self.bias)
+
+
+def inference_params(weight, bias, running_mean, running_var, double eps):
+    """The ChannelParams of plain (C,) float32/float64 arrays (weight and bias
+    may be None: 1 and 0), with invstd = 1 / sqrt(running_var + eps)."""
+    cdef Py_ssize_t c, C
+    cdef double* inv
+    if (not plain_float_array(running_mean)
+            or cnp.PyArray_NDIM(<cnp.ndarray>running_mean) != 1):
+        raise TypeError("running_mean must be a contiguous 1D float32/float64 array")
+    C = cnp.PyArray_DIMS(<cnp.ndarray>running_mean)[0]
+    mean, var, w, b = [numpy.empty(C) for _ in range(4)]
+    if not (read_channels(running_mean, C, 0.0, <double*>cnp.PyArray_DATA(mean))
+            and read_channels(running_var, C, 0.0, <double*>cnp.PyArray_DATA(var))
+            and read_channels(weight, C, 1.0, <double*>cnp.PyArray_DATA(w))
+            and read_channels(bias, C, 0.0, <double*>cnp.PyArray_DATA(b))):
+        raise TypeError(
+            f"weight, bias, running_mean and running_var must be contiguous ({C},) "
+            "float32/float64 arrays (weight and bias may be None)"
+        )
+    inv = <double*>cnp.PyArray_DATA(var)
+    for c in range(C):  # in place: var becomes invstd
+        inv[c] = 1.0 / sqrt(inv[c] + eps)
+    return ChannelParams(mean, var, w, b)
+
+
+cdef class EvalCache:
+    """The ChannelParams of a layer's current parameters, rebuilt only when
+    weight, bias, running_mean, running_var or eps changed."""
+
+    cdef char* snapshot       # their bytes when ``params`` was built, in that order
+    cdef Py_ssize_t nbytes
+    cdef int present          # bit k: the k-th of the four arrays was not None
+    cdef double eps
+    cdef ChannelParams params
+
+    def __dealloc__(self):
+        free(self.snapshot)
+
+    cdef bint unchanged(self, tuple arrays, int present, double eps) noexcept:
+        cdef Py_ssize_t offset = 0, size
+        if self.params is None or present != self.present or eps != self.eps:
+            return False
+        for a in arrays:
+            if a is None:
+                continue
+            if not plain_float_array(a):
+                return False
+            size = cnp.PyArray_NBYTES(<cnp.ndarray>a)
+            if (offset + size > self.nbytes
+                    or memcmp(self.snapshot + offset, cnp.PyArray_DATA(<cnp.ndarray>a),
+                              size) != 0):
+                return False
+            offset += size
+        return offset == self.nbytes
+
+    def current(self, weight, bias, running_mean, running_var, double eps):
+        """The ChannelParams of these arrays and eps, cached or rebuilt."""
+        cdef tuple arrays = (weight, bias, running_mean, running_var)
+        cdef int k, present = 0
+        cdef Py_ssize_t offset = 0, total = 0
+        cdef char* snapshot
+        for k in range(4):
+            if arrays[k] is not None:
+                present |= 1 << k
+        if self.unchanged(arrays, present, eps):
+            return self.params
+        params = inference_params(weight, bias, running_mean, running_var, eps)
+        for a in arrays:
+            if a is not None:
+                total += cnp.PyArray_NBYTES(<cnp.ndarray>a)
+        snapshot = <char*>malloc(total if total > 0 else 1)
+        if snapshot == NULL:
+            raise MemoryError()
+        for a in arrays:
+            if a is not None:
+                memcpy(snapshot + offset, cnp.PyArray_DATA(<cnp.ndarray>a),
+                       cnp.PyArray_NBYTES(<cnp.ndarray>a))
+                offset += cnp.PyArray_NBYTES(<cnp.ndarray>a)
+        free(self.snapshot)
+        self.snapshot = snapshot
+        self.nbytes = total
+        self.present = present
+        self.eps = eps
+        self.params = params
+        return params
+
+    def clear(self):
+        """Forget the cached parameters (the next lookup rebuilds them)."""
+        self.params = None
+
+
+cdef int normalize_kernels(const void* xp, void* yp, Block b, ChannelParams p,
+                           bint relu, int threads) noexcept nogil:
+    """normalize_impl with ``p``'s parameters for the block's dtype."""
+    cdef Py_ssize_t n = b.outer * b.C * b.inner
+    if b.typenum == cnp.NPY_FLOAT:
+        return normalize_impl(<const float*>xp, b.outer, b.C, b.inner, p.mean_p,
+                              p.scale_p, p.bias_p, <float*>yp, relu,
+                              streams(n * sizeof(float)), threads)
+    return normalize_impl(<const double*>xp, b.outer, b.C, b.inner, p.mean_p,
+                          p.scale_p, p.bias_p, <double*>yp, relu,
+                          streams(n * sizeof(double)), threads)
+
+
+def fast_normalize(x, axis, int min_ndim, int max_ndim, ChannelParams params,
+                   bint relu, out):
+    """An inference call with ready parameters, for the plain case (``out``
+    absent, ``x`` itself or disjoint from it); None for anything else."""
+    cdef Block b
+    cdef int status
+    cdef Py_ssize_t n
+    cdef const void* xp
+    cdef void* yp
+    if not plain_input(x, axis, min_ndim, max_ndim, &b) or b.C != params.num_channels:
+        return None
+    n = b.outer * b.C * b.inner
+    if n == 0:
+        return None
+    y = plain_output(out, x, None, ())
+    if y is None:
+        return None
+    xp = cnp.PyArray_DATA(<cnp.ndarray>x)
+    yp = cnp.PyArray_DATA(<cnp.ndarray>y)
+    with nogil:
+        status = normalize_kernels(xp, yp, b, params, relu, threads_for_c(n))
+    check_scratch(status)
+    return y
+
+
+def normalize(const floating[:, :, ::1] x,
+              ChannelParams params,
+              bint relu,
+              floating[:, :, ::1] out,     # OUT, may be x itself
+              int num_threads):
+    """normalize_impl with ``params`` for a non-empty (outer, C, inner) view."""
+    cdef int status
+    cdef bint stream = streams(x.shape[0] * x.shape[1] * x.shape[2] * sizeof(floating))
+    with nogil:
+        status = normalize_impl(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2],
+                                params.mean_p, params.scale_p, params.bias_p,
+                                &out[0, 0, 0], relu, stream, num_threads)
+    check_scratch(status)
