@@ -133,3 +133,105 @@ def test_python_threads_calling_at_once_get_their_own_results(rng, restore_threa
     for i, results in zip(calls, together):
         for a, b in zip(alone[i], results):
             assert a.tobytes() == b.tobytes()
+
+
+def _eval_layers(rng, num_features, relu):
+    layer = cbn.BatchNorm(num_features, activation="relu" if relu else None)
+    layer.weight[...] = rng.uniform(0.5, 2.0, num_features)
+    layer.bias[...] = rng.standard_normal(num_features)
+    layer.running_mean[...] = rng.standard_normal(num_features)
+    layer.running_var[...] = rng.uniform(0.5, 2.0, num_features)
+    layer.eval()
+    return layer, layer.freeze()
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_four_threads_sharing_eval_and_frozen_layers_get_the_serial_results(rng, relu):
+    # Many small calls (as in an inference pipeline) and a few that the kernels
+    # split themselves, on one shared eval layer and its frozen form, some
+    # writing into per-thread out= buffers: every result must be the bits of
+    # the same call made alone.
+    from concurrent.futures import ThreadPoolExecutor
+    layer, frozen = _eval_layers(rng, 24, relu)
+    shapes = [(1, 24), (32, 24), (7, 24, 5, 5), (256, 24, 4, 4), (64, 24, 40)]
+    xs = [make_input(rng, shape, 1, np.float32, offset=3.0) for shape in shapes]
+    alone = {(which, i): np.array(model(x))
+             for which, model in (("layer", layer), ("frozen", frozen))
+             for i, x in enumerate(xs)}
+
+    def run(thread):
+        buffers = [np.empty_like(x) for x in xs]
+        results = []
+        for k in range(300):
+            i = (k + thread) % len(xs)
+            which = "layer" if k % 2 else "frozen"
+            model = layer if which == "layer" else frozen
+            out = buffers[i] if k % 3 == 0 else None
+            y = model(xs[i], out=out)
+            assert out is None or y is out
+            results.append(((which, i), y.tobytes()))
+        return results
+
+    with ThreadPoolExecutor(4) as pool:
+        for results in pool.map(run, range(4)):
+            for key, got in results:
+                assert got == alone[key].tobytes(), key
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_training_forwards_from_several_threads_never_lose_an_update(rng, momentum):
+    # Every thread trains the one layer on the same batch, so the running
+    # statistics after K updates do not depend on the order, only on K: an
+    # update lost between reading and writing them (two calls reading the same
+    # old values while the kernel runs without the GIL) would change them.
+    from concurrent.futures import ThreadPoolExecutor
+    switch = sys.getswitchinterval()
+    x = make_input(rng, (512, 32, 4), 1, np.float64, offset=5.0)
+    calls_per_thread, threads = 60, 4
+    serial = cbn.BatchNorm(32, momentum=momentum, dtype=np.float64)
+    for _ in range(calls_per_thread * threads):
+        serial(x)
+    shared = cbn.BatchNorm(32, momentum=momentum, dtype=np.float64)
+    sys.setswitchinterval(1e-6)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda _: [shared(x) for _ in range(calls_per_thread)],
+                          range(threads)))
+    finally:
+        sys.setswitchinterval(switch)
+    assert shared.num_batches_tracked == calls_per_thread * threads
+    assert shared.running_mean.tobytes() == serial.running_mean.tobytes()
+    assert shared.running_var.tobytes() == serial.running_var.tobytes()
+
+
+@pytest.mark.parametrize("call", ["eval", "frozen", "train", "backward", "function"])
+def test_kernels_release_the_gil(rng, restore_threads, call):
+    # The other thread signals just before a call that takes tens of
+    # milliseconds, writing into ``out`` (NaN beforehand) front to back on one
+    # thread. This thread needs the GIL to return from wait(): a kernel that
+    # held it would be finished by then, its last element written.
+    import threading
+    cbn.set_num_threads(1)
+    layer, frozen = _eval_layers(rng, 64, False)
+    x = rng.standard_normal((8192, 64, 16)).astype(np.float32)   # 32 MiB
+    dy = np.ones_like(x)
+    out = np.full_like(x, np.nan)
+    mean, invstd = np.zeros(64), np.ones(64)
+    calls = {"eval": lambda: layer(x, out=out), "frozen": lambda: frozen(x, out=out),
+             "train": lambda: layer.train()(x, out=out),
+             "backward": lambda: cbn.batch_norm_backward(dy, x, mean, invstd, out=out),
+             "function": lambda: cbn.batch_norm(x, layer.running_mean,
+                                                layer.running_var, out=out)}
+    starting = threading.Event()
+
+    def worker():
+        starting.set()
+        calls[call]()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    starting.wait()
+    last_written = not np.isnan(out.flat[-1])
+    thread.join()
+    assert not np.isnan(out.flat[-1])
+    assert not last_written
