@@ -93,3 +93,9 @@ SCALING_TARGET = 1.7
 
 def scaling_name(case, op):
     return f"threads {case.name} {op}"
+
+
+# Python threads sharing one eval layer or its frozen form (float32, out=).
+PYTHON_THREADS = [("layer", (32, 512)), ("frozen", (32, 512)),
+                  ("layer", (256, 512)), ("frozen", (256, 512))]
+QUICK_PYTHON_THREADS = [("frozen", (32, 512))]

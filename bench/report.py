@@ -140,6 +140,15 @@ def scaling_table(rows, samples):
             f"(median of {samples} samples)\n" + _table(headers, body, left=3))
 
 
+def python_threads_table(rows, samples):
+    headers = ["form", "shape", "1 thread", "2 threads", "speed-up"]
+    body = [[row["form"], _shape(row["shape"]), _us(row["seconds"][0]),
+             _us(row["seconds"][1]), f"{row['speedup']:.2f}x"] for row in rows]
+    return ("Python threads sharing one eval layer: float32, out=, cbn kernels at one "
+            f"thread, microseconds per call (median of {samples} samples)\n"
+            + _table(headers, body, left=2))
+
+
 def summary_table(by_op):
     headers = ["op", "cases", "xNumPy", "xPyTorch", "out=/copy", "worst large", "limit"]
     body = [[op, values["cases"], _times(values["speedup_numpy"]),

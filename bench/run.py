@@ -9,8 +9,8 @@ layout ((N, C), (N, C, L), NCHW, NHWC) and dtype (float32, float64): cbn
 with a preallocated output and with its default call, the vectorized NumPy
 formula, PyTorch CPU (when installed, at the same thread count) and a copy of
 the same bytes, all calls of a case interleaved round by round, the caches
-flushed before each call on large arrays. Then small calls in microseconds
-and thread scaling at 1 and 2 threads. Prints the tables and the issue's
+flushed before each call on large arrays. Then small calls in microseconds,
+thread scaling at 1 and 2 threads, and Python threads sharing one eval layer. Prints the tables and the issue's
 targets with PASS/FAIL, writes the results as JSON and, when matplotlib is
 installed, a PNG chart.
 
@@ -47,9 +47,10 @@ except ImportError as error:
     sys.exit(f"cannot import cbn ({error}); install it (pip install .) or put an "
              "in-place build on PYTHONPATH")
 
-from . import environment, plot, report, scaling, small_calls, suite, targets, torch_ops
-from .cases import (FULL_SUITE, OPS, QUICK_SUITE, SCALING_CASES, SMALL_CALLS,
-                    scaling_name, small_call_name)
+from . import (environment, plot, python_threads, report, scaling, small_calls, suite,
+               targets, torch_ops)
+from .cases import (FULL_SUITE, OPS, PYTHON_THREADS, QUICK_PYTHON_THREADS, QUICK_SUITE,
+                    SCALING_CASES, SMALL_CALLS, scaling_name, small_call_name)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -131,7 +132,16 @@ def main(argv=None):
     if scaling_rows:
         print("\n" + report.scaling_table(scaling_rows, samples), flush=True)
 
-    if not (rows or small_rows or scaling_rows):
+    thread_cases = QUICK_PYTHON_THREADS if args.quick else PYTHON_THREADS
+    thread_cases = [(form, shape) for form, shape in thread_cases
+                    if selected(f"python threads {form} {'x'.join(map(str, shape))}")]
+    log(f"python threads: {len(thread_cases)} rows")
+    thread_rows = python_threads.run(thread_cases, samples)
+    loads["python threads"] = cpu_load.lap()
+    if thread_rows:
+        print("\n" + report.python_threads_table(thread_rows, samples), flush=True)
+
+    if not (rows or small_rows or scaling_rows or thread_rows):
         print(f"\nNo rows match --filter {args.filter!r}.")
         return 2
     by_op = targets.summary(rows)
@@ -147,6 +157,7 @@ def main(argv=None):
                            "samples": samples, "filter": args.filter,
                            "copy_threads": copy_threads},
                "suite": rows, "small_calls": small_rows, "thread_scaling": scaling_rows,
+               "python_threads": thread_rows,
                "summary": by_op, "targets": checked, "machine_load": loads,
                "elapsed_seconds": elapsed}
     args.json.parent.mkdir(parents=True, exist_ok=True)

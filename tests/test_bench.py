@@ -69,6 +69,11 @@ def test_small_calls_and_thread_scaling_are_timed(quick_run):
     for row in scaling:
         assert all(_positive(seconds) for seconds in row["seconds"])
         assert isinstance(row["identical"], bool)
+    shared = results["python_threads"]
+    assert shared and {row["form"] for row in shared} <= {"layer", "frozen"}
+    for row in shared:
+        assert all(_positive(seconds) for seconds in row["seconds"])
+        assert row["speedup"] == row["seconds"][0] / row["seconds"][1]
 
 
 def test_targets_are_judged(quick_run):
@@ -86,6 +91,7 @@ def test_report_is_printed(quick_run):
     for row in results["suite"]:
         assert str(tuple(row["shape"])) in stdout
     assert "Small calls" in stdout and "Thread scaling" in stdout
+    assert "Python threads sharing one eval layer" in stdout
     assert "Targets" in stdout and "targets met" in stdout
 
 
