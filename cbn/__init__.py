@@ -26,11 +26,13 @@ def show_config():
     """Print how the compiled kernels were built and which build is in use."""
     import sysconfig
 
-    from . import _dispatch
+    from . import _dispatch, _omp_env
     kernels = _dispatch.kernels
     print(f"cbn {__version__}")
     print(f"  compiler: {sysconfig.get_config_var('CC') or 'unknown'}")
     print(f"  OpenMP: {'on' if kernels.openmp_enabled() else 'off (serial build)'}")
+    if kernels.openmp_enabled():
+        print(f"  idle OpenMP threads spin: {_omp_env.setting}")
     print(f"  SIMD builds compiled: {', '.join(_dispatch.compiled_targets())}")
     print(f"  SIMD build in use: {kernels.simd_target()}")
     print(f"  threads: {get_num_threads()}")

@@ -9,7 +9,10 @@ import importlib
 import importlib.util
 import os
 
-from . import _kernels as _baseline
+from ._omp_env import short_spin
+
+with short_spin():  # the first import loads libgomp
+    from . import _kernels as _baseline
 
 BUILDS = {"avx512": "cbn._kernels_avx512", "avx2": "cbn._kernels_avx2",
           "baseline": "cbn._kernels"}
