@@ -16,7 +16,6 @@ import numpy as np
 
 import cbn
 
-from .cases import PYTHON_THREADS
 from .timing import _GcPaused
 
 CALLS = 2000  # calls per sample, shared among the threads
