@@ -16,12 +16,13 @@ from . import _checks
 class ChannelView:
     """An input seen as (outer, C, inner), with what is needed to shape results."""
 
-    __slots__ = ("data", "shape", "dtype")
+    __slots__ = ("data", "shape", "dtype", "source")
 
-    def __init__(self, data, shape, dtype):
-        self.data = data    # (outer, C, inner) C-contiguous, compute dtype
-        self.shape = shape  # the caller's shape
-        self.dtype = dtype  # the caller's dtype: results come back in it
+    def __init__(self, data, shape, dtype, source):
+        self.data = data      # (outer, C, inner) C-contiguous, compute dtype
+        self.shape = shape    # the caller's shape
+        self.dtype = dtype    # the caller's dtype: results come back in it
+        self.source = source  # the caller's array (data, or what data copies)
 
     @property
     def num_channels(self):
@@ -79,7 +80,7 @@ def _view_of(array, data, axis):
     outer = math.prod(shape[:axis])
     inner = math.prod(shape[axis + 1:])
     return ChannelView(data.reshape(outer, shape[axis], inner), shape,
-                       array.dtype.newbyteorder("="))
+                       array.dtype.newbyteorder("="), array)
 
 
 def like_view(x, view, name):
@@ -122,7 +123,8 @@ class Output:
 def check_out(out, view, name="out", other_inputs=()):
     """``out`` must match the input and overlap each input wholly or not at all:
     the kernels are elementwise, so writing over the very element just read is
-    safe, but a shifted overlap would read already-written values."""
+    safe, but a shifted overlap would read already-written values. The rule
+    holds for the caller's array even where the kernel reads a copy of it."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
     if out.shape != view.shape:
@@ -135,7 +137,7 @@ def check_out(out, view, name="out", other_inputs=()):
         raise ValueError(f"{name} must be C-contiguous")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
-    for data in (view.data, *other_inputs):
+    for data in (view.source, view.data, *other_inputs):
         if np.may_share_memory(out, data) and not same_buffer(out, data):
             raise ValueError(
                 f"{name} partially overlaps an input; pass that input itself for "
@@ -145,6 +147,7 @@ def check_out(out, view, name="out", other_inputs=()):
 
 
 def same_buffer(a, b):
-    """True when two C-contiguous arrays cover exactly the same bytes."""
-    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+    """True when two arrays are C-contiguous and cover exactly the same bytes."""
+    return (a.flags.c_contiguous and b.flags.c_contiguous
+            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
             and a.nbytes == b.nbytes)

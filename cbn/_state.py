@@ -9,7 +9,7 @@ from . import _checks
 STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-def entries(state_dict, prefix, owner):
+def entries(state_dict, prefix, owner, allow_empty=False):
     """The batch norm's entries under ``prefix`` as {key: ndarray}, keys without
     the prefix. ``prefix`` is a module path such as "layer1.0.bn1" (a trailing
     "." is optional). Entries of nested modules under it are ignored; any other
@@ -35,7 +35,7 @@ def entries(state_dict, prefix, owner):
     where = f" under prefix {prefix!r}" if prefix else ""
     if unexpected:
         raise ValueError(f"{owner}: unexpected keys{where}: {unexpected}")
-    if not found:
+    if not found and not allow_empty:
         raise ValueError(
             f"{owner}: no batch-norm entries{where}; expected keys among "
             f"{[prefix + key for key in STATE_KEYS]}"

@@ -151,7 +151,8 @@ class FrozenBatchNorm:
         return {key: value.copy() for key, value in self._state.items()}
 
     def fold(self):
-        """``(scale, shift)``, copies in dtype, as :meth:`cbn.BatchNorm.fold`."""
+        """``(scale, shift)``, copies in dtype, as :meth:`cbn.BatchNorm.fold`
+        (the affine part: a fused ReLU is not included)."""
         return self._scale.copy(), self._shift.copy()
 
     def __getstate__(self):

@@ -337,7 +337,8 @@ class BatchNorm:
         ``shift = bias - running_mean * scale``, so that the eval output is
         ``x * scale + shift`` broadcast along the channel axis (weight 1 and
         bias 0 when affine=False). Eval mode only: in training mode the
-        batch's statistics, not the running ones, normalize.
+        batch's statistics, not the running ones, normalize. A fused
+        activation is not part of it: apply it after.
         """
         self._check_foldable("fold")
         return F._scale_shift(self._current_params(), self.dtype)
@@ -486,14 +487,20 @@ class BatchNorm:
         if cls is BatchNorm:
             cls = _TORCH_NAMES.get(type(module).__name__, BatchNorm)
         owner = f"{cls.__name__}.from_torch"
-        found = _state.entries(module.state_dict(), "", owner)
-        _, _, _, found_dtype = _state.layout(found, owner)
+        # affine=False with track_running_stats=False has an empty state dict
+        found = _state.entries(module.state_dict(), "", owner, allow_empty=True)
+        found_dtype = np.float32
+        if set(found) - {"num_batches_tracked"}:
+            found_dtype = _state.layout(found, owner)[3]
+        # A module keeps its buffers when track_running_stats is switched off
+        # after construction (eval then still uses them); so does the layer.
         layer = cls(module.num_features, eps=float(module.eps),
                     momentum=None if module.momentum is None else float(module.momentum),
-                    affine=module.affine, track_running_stats=module.track_running_stats,
+                    affine=module.affine, track_running_stats="running_mean" in found,
                     axis=axis, dtype=found_dtype if dtype is None else dtype,
                     activation=activation)
         layer.load_state_dict(found)
+        layer.track_running_stats = bool(module.track_running_stats)
         return layer.train(bool(module.training))
 
     def __getstate__(self):
