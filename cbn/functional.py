@@ -103,14 +103,15 @@ def _scale_shift(params, dtype):
 
 
 def _relu_grad(dy, y):
-    """The gradient through a fused ReLU: ``dy`` where the output ``y`` is
-    positive, 0 where it was clipped (or NaN), in dy's dtype."""
+    """The gradient through a fused ReLU: 0 where it clipped the output
+    (``y <= 0``), ``dy`` elsewhere, NaN outputs included, as PyTorch's
+    threshold_backward; in dy's dtype."""
     dy = as_array(dy, "dy")
     if dy.shape != y.shape:
         raise ValueError(
             f"dy has shape {dy.shape}, expected the output's shape {y.shape}"
         )
-    return np.where(y > 0, dy, dy.dtype.type(0))
+    return np.where(y <= 0, dy.dtype.type(0), dy)
 
 
 def _update_running(running_mean, running_var, mean, var, n, factor):

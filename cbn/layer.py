@@ -90,7 +90,7 @@ class BatchNorm:
         computed natively and keep their own dtype.
     activation : None or "relu", keyword-only
         "relu" applies max(y, 0) in the same pass over memory; backward then
-        passes the gradient only where the output was positive.
+        zeroes the gradient where the output was clipped (y <= 0).
 
     Calls from several Python threads are safe: eval calls run in parallel
     (kernels release the GIL) and training calls take a per-layer lock, so the
