@@ -146,6 +146,30 @@ def check_out(out, view, name="out", other_inputs=()):
     return out
 
 
+def check_stats_out(out, view):
+    """``out`` of batch_stats: a pair of separate writable (C,) arrays of the
+    input's dtype. Returned as a tuple."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError(
+            "out must be a pair (mean, var) of arrays, got "
+            f"{type(out).__name__}{'' if not isinstance(out, (tuple, list)) else f' of {len(out)}'}"
+        )
+    for name, array in zip(("out[0] (mean)", "out[1] (var)"), out):
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"{name} must be a NumPy array, got {type(array).__name__}")
+        if array.shape != (view.num_channels,):
+            raise ValueError(f"{name} has shape {array.shape}, expected "
+                             f"({view.num_channels},) for {view.num_channels} channels")
+        if array.dtype != view.dtype:
+            raise TypeError(f"{name} has dtype {array.dtype}, expected the input's dtype "
+                            f"{view.dtype}")
+        if not array.flags.writeable:
+            raise ValueError(f"{name} is read-only")
+    if np.may_share_memory(out[0], out[1]):
+        raise ValueError("out[0] (mean) and out[1] (var) must be separate arrays")
+    return tuple(out)
+
+
 def same_buffer(a, b):
     """True when two arrays are C-contiguous and cover exactly the same bytes."""
     return (a.flags.c_contiguous and b.flags.c_contiguous

@@ -73,10 +73,13 @@ class FrozenBatchNorm:
         self._grad_params = kernels.ChannelParams(zeros, ones, self._params.scale, zeros)
         self._saved_output = None
 
-    from_state_dict = classmethod(
-        lambda cls, state_dict, *, prefix="", eps=1e-5, axis=1, activation=None,
-        dtype=None: cls(state_dict, prefix=prefix, eps=eps, axis=axis,
-                        activation=activation, dtype=dtype))
+    @classmethod
+    def from_state_dict(cls, state_dict, *, prefix="", eps=1e-5, axis=1,
+                        activation=None, dtype=None):
+        """The same as ``FrozenBatchNorm(state_dict, ...)``, named like
+        :meth:`cbn.BatchNorm.from_state_dict`."""
+        return cls(state_dict, prefix=prefix, eps=eps, axis=axis, activation=activation,
+                   dtype=dtype)
 
     # -- read-only attributes
 
@@ -109,9 +112,10 @@ class FrozenBatchNorm:
 
     __call__ = forward
 
-    def backward(self, dy):
+    def backward(self, dy, out=None):
         """Gradient of the output -> gradient of the input: ``dy * scale``,
-        and 0 where the fused ReLU clipped the last forward's output."""
+        and 0 where the fused ReLU clipped the last forward's output (written
+        into ``out`` when given; ``dy`` itself works in place)."""
         if self._relu:
             if self._saved_output is None:
                 raise ValueError(
@@ -120,11 +124,11 @@ class FrozenBatchNorm:
                 )
             dy = F._relu_grad(dy, self._saved_output)
         dx = kernels.fast_normalize(dy, self._axis, 2, 64, self._grad_params, False,
-                                    None)
+                                    out)
         if dx is None:
             view = channel_view(dy, self._axis, name="dy")
             self._check_channels(view, "dy")
-            dx = F._normalize(view, self._grad_params, False, Output(view))
+            dx = F._normalize(view, self._grad_params, False, Output(view, out))
         return dx
 
     def _view(self, x):

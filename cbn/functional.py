@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _checks
 from ._dispatch import kernels
-from ._layout import Output, as_array, channel_view, like_view
+from ._layout import Output, as_array, channel_view, check_stats_out, like_view
 from ._threads import threads_for
 
 __all__ = ["batch_norm", "batch_stats", "batch_norm_forward", "batch_norm_backward"]
@@ -155,16 +155,23 @@ def _optional_vector(value, num_channels, name):
 # ---------------------------------------------------------------------------
 # Public functions
 
-def batch_stats(x, *, axis=1):
+def batch_stats(x, *, axis=1, out=None):
     """Per-channel mean and biased variance of ``x`` over every axis but ``axis``.
 
     Accumulated in float64 with a two-pass-per-block scheme, accurate even when
     |mean| is huge relative to the spread. Returned in ``x``'s dtype; NaN for
-    channels with no values (an empty batch).
+    channels with no values (an empty batch). ``out``: a pair of (C,) arrays
+    of that dtype to write and return instead.
     """
     view = channel_view(x, axis)
+    if out is not None:
+        out = check_stats_out(out, view)
     mean, var = _stats(view)
-    return mean.astype(view.dtype), var.astype(view.dtype)
+    if out is None:
+        return mean.astype(view.dtype), var.astype(view.dtype)
+    out[0][...] = mean
+    out[1][...] = var
+    return out
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,

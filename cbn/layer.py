@@ -288,8 +288,9 @@ class BatchNorm:
     def __call__(self, x, out=None):
         return self.forward(x, out)
 
-    def backward(self, dy):
-        """Gradient of the last forward's output -> gradient of its input.
+    def backward(self, dy, out=None):
+        """Gradient of the last forward's output -> gradient of its input
+        (written into ``out`` when given, as in forward).
 
         Also sets ``grad_weight`` and ``grad_bias`` (None when affine=False).
         After a training-mode forward the batch statistics' dependence on the
@@ -311,13 +312,13 @@ class BatchNorm:
         result = None
         if not isinstance(source, ChannelView):
             result = kernels.fast_backward(dy, source, self.axis, mean, invstd, weight,
-                                           self._saved_batch_stats, None, self.dtype)
+                                           self._saved_batch_stats, out, self.dtype)
         if result is None:
             view = source if isinstance(source, ChannelView) else self._view(source)
             dy_data = like_view(dy, view, "dy")
             dx, grad_weight, grad_bias = F._backward(
                 dy_data, view, mean, invstd, weight, self._saved_batch_stats,
-                Output(view))
+                Output(view, out, other_inputs=(dy_data,)))
             grad_weight = grad_weight.astype(self.dtype)
             grad_bias = grad_bias.astype(self.dtype)
         else:

@@ -1318,3 +1318,45 @@ def test_warm_eval_calls_with_out_allocate_nothing_even_temporarily(rng, shape, 
     finally:
         tracemalloc.stop()
     assert peak - start >= x.nbytes
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_backward_writes_into_out(rng, relu, dtype):
+    layer = cbn.BatchNorm(4, activation="relu" if relu else None)
+    layer.running_var[...] = rng.uniform(0.5, 2, 4)
+    x = make_input(rng, (6, 4, 5), 1, dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    for model in (layer, layer.eval().freeze(), layer.train()):
+        model(x.copy())
+        expected = model.backward(dy)
+        out = np.full_like(dy, np.nan)
+        assert model.backward(dy, out=out) is out
+        np.testing.assert_array_equal(out, expected)
+        in_place = dy.copy()
+        assert model.backward(in_place, out=in_place) is in_place
+        np.testing.assert_array_equal(in_place, expected)
+        with pytest.raises(ValueError, match=r"\(6, 4\)"):
+            model.backward(dy, out=np.empty((6, 4), dtype))
+        with pytest.raises(TypeError, match="dtype"):
+            model.backward(dy, out=np.empty(dy.shape, np.int32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batch_stats_writes_into_out(rng, dtype):
+    x = make_input(rng, (7, 3, 5), 1, dtype, offset=100.0)
+    mean, var = cbn.batch_stats(x)
+    out = (np.empty(3, dtype), np.empty(3, dtype))
+    got = cbn.batch_stats(x, out=out)
+    assert got[0] is out[0] and got[1] is out[1]
+    np.testing.assert_array_equal(out[0], mean)
+    np.testing.assert_array_equal(out[1], var)
+    np.testing.assert_allclose(out[0], x.astype(np.float64).mean(axis=(0, 2)), rtol=1e-6)
+    bad = [((np.empty(3, dtype),), TypeError, "pair"),
+           ((np.empty(4, dtype), np.empty(3, dtype)), ValueError, r"\(4,\)"),
+           ((np.empty(3, np.float16), np.empty(3, dtype)), TypeError, "float16"),
+           ((out[0], out[0]), ValueError, "separate"),
+           ([np.empty(3, dtype), [0.0, 0.0, 0.0]], TypeError, "list")]
+    for value, error, words in bad:
+        with pytest.raises(error, match=words):
+            cbn.batch_stats(x, out=value)
