@@ -146,6 +146,16 @@ def _backward(dy, view, mean, invstd, weight, training, output):
     return output.finish(), dotp * invstd, sum_dy
 
 
+def _check_not_over_input(out, x):
+    """A training forward may not write over its input: backward needs it."""
+    if kernels.shares_memory(out, x):
+        raise ValueError(
+            "out overlaps the input: a training forward cannot write its output "
+            "over its input, since backward needs the input; pass a separate out "
+            "array"
+        )
+
+
 def _optional_vector(value, num_channels, name):
     if value is None:
         return None
@@ -183,11 +193,15 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     statistics are given (NumPy arrays, both or neither), update them in place:
     ``running = (1 - momentum) * running + momentum * batch`` with the unbiased
     batch variance. ``axis`` is the channel axis; ``out`` an optional
-    C-contiguous array of ``x``'s shape and dtype (``out=x`` works in place).
+    C-contiguous array of ``x``'s shape and dtype (``out=x`` works in place in
+    eval mode; a training forward raises ValueError for it, since a backward
+    would need the input).
     ``activation="relu"`` applies max(y, 0) in the same pass over memory.
     Returns ``y`` in ``x``'s dtype.
     """
     relu = _checks.activation(activation)
+    if training is True and out is not None:
+        _check_not_over_input(out, x)
     y = kernels.fast_batch_norm(x, running_mean, running_var, weight, bias, training,
                                 momentum, eps, axis, out, relu)
     if y is not None:
@@ -204,6 +218,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     has_running = running_mean is not None
     if not isinstance(training, (bool, np.bool_)):
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if training and out is not None:
+        _check_not_over_input(out, x)
     if training and has_running:
         momentum = _checks.momentum(momentum, allow_none=False)
     elif momentum is not None:
@@ -242,6 +258,8 @@ def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None)
     to :func:`batch_norm_backward` with the same ``x``. No running statistics
     are involved; keep them with :func:`batch_norm` or a :class:`BatchNorm` layer.
     """
+    if out is not None:
+        _check_not_over_input(out, x)
     result = kernels.fast_batch_norm_forward(x, weight, bias, eps, axis, out)
     if result is not None:
         return result

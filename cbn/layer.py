@@ -228,12 +228,8 @@ class BatchNorm:
     def _forward_batch_stats(self, x, out):
         """forward with the batch's statistics: training mode, or eval mode
         without running statistics."""
-        if out is not None and self.training and kernels.shares_memory(out, x):
-            raise ValueError(
-                f"{type(self).__name__}: a training forward cannot write its output "
-                "over its input (out=x): backward needs the input; pass a separate "
-                "out array"
-            )
+        if out is not None and self.training:
+            F._check_not_over_input(out, x)
         update = (self.training and self.track_running_stats
                   and self._running_mean is not None)
         ranks = self._ranks or _ANY_RANK
