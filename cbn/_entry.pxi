@@ -342,23 +342,39 @@ cdef int backward_kernels(const void* dyp, const void* xp, void* dxp, Block b,
     return status
 
 
+cdef bint same_layout(object a, cnp.ndarray x) noexcept:
+    """``a`` is a plain float array of x's dtype and shape."""
+    cdef int k
+    if (not plain_float_array(a) or cnp.PyArray_TYPE(<cnp.ndarray>a) != cnp.PyArray_TYPE(x)
+            or cnp.PyArray_NDIM(<cnp.ndarray>a) != cnp.PyArray_NDIM(x)):
+        return False
+    for k in range(cnp.PyArray_NDIM(x)):
+        if cnp.PyArray_DIMS(<cnp.ndarray>a)[k] != cnp.PyArray_DIMS(x)[k]:
+            return False
+    return True
+
+
 cdef object plain_backward(cnp.ndarray dy, cnp.ndarray x, Block b, object save_mean,
                            object save_invstd, object weight, bint training,
-                           object out, int grad_typenum):
+                           object out, int grad_typenum, object relu_output):
     """(dx, grad_weight, grad_bias), or None when an argument is not the plain
-    case."""
-    cdef Py_ssize_t k, C = b.C, n = b.outer * b.inner
+    case. ``relu_output``: the output of a forward with a fused ReLU, whose
+    clipped places get no gradient (None: no ReLU). The masked gradient is
+    made in the output array, which may then not be x or that output."""
+    cdef Py_ssize_t C = b.C, n = b.outer * b.inner
     cdef double* s
     cdef int status
     cdef const void* dyp = cnp.PyArray_DATA(dy)
     cdef const void* xp = cnp.PyArray_DATA(x)
+    cdef const void* yp = NULL
     cdef void* dxp
-    if (n == 0 or cnp.PyArray_TYPE(dy) != b.typenum
-            or cnp.PyArray_NDIM(dy) != cnp.PyArray_NDIM(x)):
+    if n == 0 or not same_layout(dy, x):
         return None
-    for k in range(cnp.PyArray_NDIM(x)):
-        if cnp.PyArray_DIMS(dy)[k] != cnp.PyArray_DIMS(x)[k]:
+    if relu_output is not None:
+        if not same_layout(relu_output, x) or (
+                out is not None and span_start(out) == span_start(x)):
             return None
+        yp = cnp.PyArray_DATA(<cnp.ndarray>relu_output)
     s = <double*>malloc(B_ROWS * C * sizeof(double))
     if s == NULL:
         return None
@@ -368,13 +384,21 @@ cdef object plain_backward(cnp.ndarray dy, cnp.ndarray x, Block b, object save_m
                 and read_channels(save_invstd, C, 0.0, s + B_INVSTD * C)
                 and read_channels(weight, C, 1.0, s + B_WEIGHT * C)):
             return None
-        dx = plain_output(out, x, dy, ())
+        dx = plain_output(out, x, dy, (relu_output,))
         if dx is None:
             return None
         grad_weight = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&C, grad_typenum, 0)
         grad_bias = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&C, grad_typenum, 0)
         dxp = cnp.PyArray_DATA(<cnp.ndarray>dx)
         with nogil:
+            if yp != NULL:  # the masked gradient goes in dx, the backward reads it there
+                if b.typenum == cnp.NPY_FLOAT:
+                    relu_grad_impl(<const float*>dyp, <const float*>yp, <float*>dxp,
+                                   n * C, threads_for_c(n * C))
+                else:
+                    relu_grad_impl(<const double*>dyp, <const double*>yp, <double*>dxp,
+                                   n * C, threads_for_c(n * C))
+                dyp = dxp
             status = backward_kernels(dyp, xp, dxp, b, training, s, threads_for_c(n * C))
         check_scratch(status)
         store_channels(grad_weight, s + B_GRAD_WEIGHT * C, C)
@@ -448,9 +472,10 @@ def fast_layer_forward(x, axis, int min_ndim, int max_ndim, Py_ssize_t num_chann
 
 
 def fast_backward(dy, x, axis, save_mean, save_invstd, weight, training, out,
-                  grad_dtype):
+                  grad_dtype, relu_output=None):
     """cbn.batch_norm_backward and BatchNorm.backward for the plain case:
-    (dx, grad_weight, grad_bias), the gradients in ``grad_dtype`` (None: x's)."""
+    (dx, grad_weight, grad_bias), the gradients in ``grad_dtype`` (None: x's);
+    ``relu_output`` as in plain_backward."""
     cdef Block b
     cdef int grad_typenum
     if ((training is not True and training is not False)
@@ -465,7 +490,7 @@ def fast_backward(dy, x, axis, save_mean, save_invstd, weight, training, out,
     else:
         return None
     return plain_backward(dy, x, b, save_mean, save_invstd, weight, training, out,
-                          grad_typenum)
+                          grad_typenum, relu_output)
 
 
 import numpy

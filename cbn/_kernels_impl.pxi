@@ -1169,6 +1169,33 @@ cdef inline void backward_channel(const floating* dyp, const floating* xp,
 
 
 # ---------------------------------------------------------------------------
+# 4b. The gradient through a fused ReLU, before the backward proper
+
+cdef inline void relu_grad_span(const floating* dy, const floating* y, floating* dz,
+                                Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        dz[i] = 0 if y[i] <= 0 else dy[i]
+
+
+cdef void relu_grad_impl(const floating* dy,   # IN (n,)
+                         const floating* y,    # IN (n,): the forward's output
+                         floating* dz,         # OUT (n,), may be dy itself
+                         Py_ssize_t n, int num_threads) noexcept nogil:
+    """dz = 0 where the ReLU clipped the output (y <= 0), dy elsewhere (NaN
+    outputs included, as PyTorch's threshold_backward)."""
+    cdef Py_ssize_t k, start
+    num_threads = team_size(num_threads, n // SHARE_GRANULE)
+    if num_threads == 1:
+        relu_grad_span(dy, y, dz, n)
+        return
+    for k in prange(num_threads, schedule='static', num_threads=num_threads):
+        start = share_start(n, k, num_threads, SHARE_GRANULE)
+        relu_grad_span(dy + start, y + start, dz + start,
+                       share_start(n, k + 1, num_threads, SHARE_GRANULE) - start)
+
+
+# ---------------------------------------------------------------------------
 # 5. Whole steps: what the Python layer and the fast entry points call. The
 # per-channel arithmetic between kernels lives here only.
 

@@ -303,13 +303,15 @@ class BatchNorm:
                 "over its input (out=x), and backward needs the input"
             )
         mean, invstd, weight = self._saved_stats
-        if self._saved_output is not None:  # through the fused ReLU
-            dy = F._relu_grad(dy, self._saved_output)
+        relu_output = self._saved_output  # None without a fused ReLU
         result = None
         if not isinstance(source, ChannelView):
             result = kernels.fast_backward(dy, source, self.axis, mean, invstd, weight,
-                                           self._saved_batch_stats, out, self.dtype)
+                                           self._saved_batch_stats, out, self.dtype,
+                                           relu_output)
         if result is None:
+            if relu_output is not None:
+                dy = F._relu_grad(dy, relu_output)
             view = source if isinstance(source, ChannelView) else self._view(source)
             dy_data = like_view(dy, view, "dy")
             dx, grad_weight, grad_bias = F._backward(

@@ -131,3 +131,44 @@ def test_fast_in_place_call_and_preallocated_output(rng):
     assert bits(out) == bits(expected)
     assert cbn.batch_norm(x, mean, var, out=x) is x
     assert bits(x) == bits(expected)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axis", LAYOUTS)
+def test_relu_layer_forward_and_backward_same_bits(rng, shape, axis, dtype, training):
+    # The fast backward masks the gradient in C (into its output array), the
+    # general path with NumPy: the same bits, with and without out=.
+    x = make_input(rng, shape, axis, dtype, offset=2.0)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    results = {}
+    for path in ("fast", "general"):
+        layer = cbn.BatchNorm(shape[axis], axis=axis, activation="relu")
+        layer.bias[...] = np.linspace(-1, 1, shape[axis])  # some outputs clipped
+        layer.train(training)
+        wrap = general if path == "general" else (lambda a: a)
+        y = layer(wrap(x))
+        dx = layer.backward(wrap(dy))
+        out = np.empty_like(dy)
+        dx_out = layer.backward(wrap(dy), out=out)
+        in_place = dy.copy()
+        dx_in_place = layer.backward(wrap(in_place), out=in_place)
+        results[path] = bits(y, dx, dx_out, layer.grad_weight, layer.grad_bias,
+                             dx_in_place)
+    assert results["fast"] == results["general"]
+
+
+def test_relu_backward_with_out_over_the_input_takes_the_general_path(rng):
+    # The fast path makes the masked gradient in its output array; over x that
+    # would overwrite x before the backward reads it.
+    x = make_input(rng, (64, 8), 1, np.float32, offset=1.0)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    layer = cbn.BatchNorm(8, activation="relu")
+    layer.bias[...] = np.linspace(-1, 1, 8)
+    layer(x)
+    expected = layer.backward(dy)
+    kept = x.copy()
+    result = layer.backward(dy, out=x)
+    assert result is x
+    np.testing.assert_array_equal(result, expected)
+    assert not np.array_equal(kept, x)
