@@ -175,18 +175,21 @@ def check_agreement(runs, model, rng):
     return worst
 
 
-def time_stream(run, batch_size, batches, rng, rounds=5):
-    """Median over rounds of the seconds per batch of a stream of batches."""
+def time_streams(runs, batch_size, batches, rng, rounds=7):
+    """{way: median over rounds of the seconds per batch} for one stream of
+    batches; the ways take turns within each round, so drift hits all alike."""
     stream = [(rng.standard_normal((batch_size, SIZES[0])) * 2 + 1).astype(np.float32)
               for _ in range(batches)]
-    run(stream[0])  # warm-up: buffers, caches
-    per_batch = []
+    times = {name: [] for name in runs}
+    for name, run in runs.items():
+        run(stream[0])  # warm-up: buffers, caches
     for _ in range(rounds):
-        start = time.perf_counter()
-        for x in stream:
-            run(x)
-        per_batch.append((time.perf_counter() - start) / batches)
-    return statistics.median(per_batch)
+        for name, run in runs.items():
+            start = time.perf_counter()
+            for x in stream:
+                run(x)
+            times[name].append((time.perf_counter() - start) / batches)
+    return {name: statistics.median(kept) for name, kept in times.items()}
 
 
 def main(argv=None):
@@ -208,12 +211,12 @@ def main(argv=None):
     worst = check_agreement(runs, model, rng)
     checked = ", ".join(list(WAYS) + (["PyTorch"] if model is not None else []))
     print(f"All ways agree ({checked}): largest difference from plain {worst:.2g}.")
-    print(f"\nMicroseconds per batch, median of 5 streams of {args.batches} batches, "
-          f"{cbn.get_num_threads()} cbn threads:")
+    print(f"\nMicroseconds per batch, median of 7 rounds of {args.batches} batches "
+          f"each way (ways interleaved), {cbn.get_num_threads()} cbn threads:")
     print(f"{'batch':>6}" + "".join(f"{name:>10}" for name in WAYS))
     for batch_size in BATCH_SIZES:
-        times = [time_stream(runs[name], batch_size, args.batches, rng) for name in WAYS]
-        print(f"{batch_size:>6}" + "".join(f"{t * 1e6:>10.1f}" for t in times))
+        times = time_streams(runs, batch_size, args.batches, rng)
+        print(f"{batch_size:>6}" + "".join(f"{times[name] * 1e6:>10.1f}" for name in WAYS))
 
 
 if __name__ == "__main__":
