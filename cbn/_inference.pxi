@@ -35,6 +35,8 @@ cdef class ChannelParams:
         cdef double* sc
         cdef const double* inv
         cdef const double* w
+        if self.mean is not None:  # calls without the GIL may be reading them
+            raise TypeError("ChannelParams cannot be changed once built")
         arrays = [numpy.array(a, dtype=numpy.float64, order="C")
                   for a in (mean, invstd, weight, bias)]
         if any(a.ndim != 1 or a.shape != arrays[0].shape for a in arrays):
@@ -191,6 +193,12 @@ def normalize(const floating[:, :, ::1] x,
               int num_threads):
     """normalize_impl with ``params`` for a non-empty (outer, C, inner) view."""
     cdef int status
+    if x.shape[1] != params.num_channels or out.shape[0] != x.shape[0] or (
+            out.shape[1] != x.shape[1] or out.shape[2] != x.shape[2]):
+        raise ValueError(
+            f"normalize: views of shapes {(x.shape[0], x.shape[1], x.shape[2])} and "
+            f"{(out.shape[0], out.shape[1], out.shape[2])} for {params.num_channels} "
+            "channels")
     cdef bint stream = streams(x.shape[0] * x.shape[1] * x.shape[2] * sizeof(floating))
     with nogil:
         status = normalize_impl(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2],
