@@ -371,8 +371,8 @@ cdef object plain_backward(cnp.ndarray dy, cnp.ndarray x, Block b, object save_m
     if n == 0 or not same_layout(dy, x):
         return None
     if relu_output is not None:
-        if not same_layout(relu_output, x) or (
-                out is not None and span_start(out) == span_start(x)):
+        if not same_layout(relu_output, x) or (out is not None and (
+                not plain_float_array(out) or span_start(out) == span_start(x))):
             return None
         yp = cnp.PyArray_DATA(<cnp.ndarray>relu_output)
     s = <double*>malloc(B_ROWS * C * sizeof(double))

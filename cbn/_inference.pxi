@@ -12,8 +12,10 @@
 # bias, running statistics and eps. A layer's arrays can be edited in place
 # through any reference, so changes are detected by content: the cache keeps
 # a copy of their bytes and compares it on each call (memcmp of 4 * C values,
-# cheaper than rebuilding, and it cannot miss an edit). Lookups run with the
-# GIL held, so concurrent Python threads see a consistent cache.
+# cheaper than rebuilding, and it cannot miss an edit: the parameters and the
+# snapshot are built from one copy of the arrays). A call that races with a
+# write from another thread may use either the old or the new values; the
+# next call sees the new ones.
 
 from libc.string cimport memcmp, memcpy
 
@@ -67,6 +69,8 @@ def inference_params(weight, bias, running_mean, running_var, double eps):
             or cnp.PyArray_NDIM(<cnp.ndarray>running_mean) != 1):
         raise TypeError("running_mean must be a contiguous 1D float32/float64 array")
     C = cnp.PyArray_DIMS(<cnp.ndarray>running_mean)[0]
+    if running_var is None:
+        raise TypeError("running_var is required with running_mean")
     mean, var, w, b = [numpy.empty(C) for _ in range(4)]
     if not (read_channels(running_mean, C, 0.0, <double*>cnp.PyArray_DATA(mean))
             and read_channels(running_var, C, 0.0, <double*>cnp.PyArray_DATA(var))
@@ -123,7 +127,13 @@ cdef class EvalCache:
                 present |= 1 << k
         if self.unchanged(arrays, present, eps):
             return self.params
-        params = inference_params(weight, bias, running_mean, running_var, eps)
+        # Copy first, then build the parameters from the copies and snapshot
+        # them: another thread may write the arrays between two reads (NumPy
+        # copies release the GIL), never the copies, so parameters and snapshot
+        # always agree; a torn copy only differs from the arrays, and the next
+        # call rebuilds.
+        arrays = tuple(None if a is None else numpy.array(a, copy=True) for a in arrays)
+        params = inference_params(*arrays, eps)
         for a in arrays:
             if a is not None:
                 total += cnp.PyArray_NBYTES(<cnp.ndarray>a)
@@ -161,7 +171,7 @@ cdef int normalize_kernels(const void* xp, void* yp, Block b, ChannelParams p,
                           streams(n * sizeof(double)), threads)
 
 
-def fast_normalize(x, axis, int min_ndim, int max_ndim, ChannelParams params,
+def fast_normalize(x, axis, int min_ndim, int max_ndim, ChannelParams params not None,
                    bint relu, out):
     """An inference call with ready parameters, for the plain case (``out``
     absent, ``x`` itself or disjoint from it); None for anything else."""
@@ -187,7 +197,7 @@ def fast_normalize(x, axis, int min_ndim, int max_ndim, ChannelParams params,
 
 
 def normalize(const floating[:, :, ::1] x,
-              ChannelParams params,
+              ChannelParams params not None,
               bint relu,
               floating[:, :, ::1] out,     # OUT, may be x itself
               int num_threads):

@@ -73,3 +73,17 @@ def layout(found, owner):
     wide = all(value.dtype == np.float64 for value in vectors.values())
     dtype = np.dtype(np.float64 if wide else np.float32)
     return num_features, "weight" in found, "running_mean" in found, dtype
+
+
+def batch_count(value):
+    """num_batches_tracked from a state dict: a single non-negative integer."""
+    array = _checks.to_numpy(value)
+    if array.dtype.kind not in "iu" or array.size != 1:
+        raise TypeError(
+            "num_batches_tracked must be a single integer, got an array of "
+            f"shape {array.shape} and dtype {array.dtype}"
+        )
+    count = int(array.reshape(()))
+    if count < 0:
+        raise ValueError(f"num_batches_tracked must be >= 0, got {count}")
+    return count

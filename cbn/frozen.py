@@ -21,7 +21,9 @@ class FrozenBatchNorm:
     it as ``(x - running_mean) * scale + bias``, the same bits as an eval-mode
     :class:`cbn.BatchNorm` call and without the cancellation of the folded form
     at large means. There is no training mode and nothing to update, so calls
-    from any number of threads run in parallel.
+    from any number of threads run in parallel. (With activation="relu",
+    ``backward`` masks with the output of the last forward on this object, so
+    it belongs with single-threaded use.)
 
     Built by :meth:`cbn.BatchNorm.freeze`, or from a state dict (a layer's, or
     a whole model's with ``prefix``): ``FrozenBatchNorm(state_dict)``, the same
@@ -53,7 +55,7 @@ class FrozenBatchNorm:
         self._state = {}
         for key, value in found.items():
             if key == "num_batches_tracked":
-                self._state[key] = np.array(value, dtype=np.int64)
+                self._state[key] = np.array(_state.batch_count(value), dtype=np.int64)
             else:
                 self._state[key] = _checks.channel_vector(value, num_features, key,
                                                           dtype=self._dtype)

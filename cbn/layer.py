@@ -55,7 +55,9 @@ class _ChannelArray:
             )
         array = _checks.channel_vector(value, layer.num_features, self.name,
                                        dtype=layer.dtype, copy=False)
-        if not array.flags.writeable:  # the layer updates its arrays in place
+        # The layer updates its arrays in place, and the kernels read them as
+        # aligned C arrays.
+        if not (array.flags.writeable and array.flags.aligned):
             array = array.copy()
         setattr(layer, self.slot, array)
 
@@ -429,7 +431,7 @@ class BatchNorm:
             if key not in state_dict:
                 continue
             if key == "num_batches_tracked":
-                staged[key] = _batch_count(state_dict[key])
+                staged[key] = _state.batch_count(state_dict[key])
             else:
                 staged[key] = _checks.channel_vector(
                     state_dict[key], self.num_features, key, dtype=self.dtype)
@@ -512,6 +514,7 @@ class BatchNorm:
                 if key not in call_state}
 
     def __setstate__(self, state):
+        state.setdefault("_relu", False)  # pickled before activation= existed
         self.__dict__.update(state)
         self._init_call_state()
 
@@ -526,19 +529,6 @@ class BatchNorm:
         if self._relu:
             text += ", activation='relu'"
         return text + ")"
-
-
-def _batch_count(value):
-    array = _checks.to_numpy(value)
-    if array.dtype.kind not in "iu" or array.size != 1:
-        raise TypeError(
-            "num_batches_tracked must be a single integer, got an array of "
-            f"shape {array.shape} and dtype {array.dtype}"
-        )
-    count = int(array.reshape(()))
-    if count < 0:
-        raise ValueError(f"num_batches_tracked must be >= 0, got {count}")
-    return count
 
 
 class BatchNorm1d(BatchNorm):

@@ -299,7 +299,8 @@ def test_frozen_from_a_state_dict(rng, build, keys):
     # defaults; float32 arrays, or dtype=float32, give a float32 layer
     default = build({k: v for k, v in full.items() if k in keys})
     assert (default.eps, default.axis, default.activation) == (1e-5, 1, None)
-    f32 = build({k: np.asarray(v, np.float32) for k, v in full.items() if k in keys})
+    f32 = build({k: v if k == "num_batches_tracked" else np.asarray(v, np.float32)
+                 for k, v in full.items() if k in keys})
     assert f32.dtype == np.float32 and f32.scale.dtype == f32.shift.dtype == np.float32
     explicit = build(state, dtype=np.float32)
     assert explicit.dtype == np.float32 and explicit.shift.dtype == np.float32
@@ -1362,3 +1363,95 @@ def test_batch_stats_writes_into_out(rng, dtype):
     for value, error, words in bad:
         with pytest.raises(error, match=words):
             cbn.batch_stats(x, out=value)
+
+
+def test_eval_cache_is_not_left_stale_by_reloads_racing_with_calls():
+    # load_state_dict copies release the GIL, so a reload can land while the
+    # cache reads the arrays; once the writer is done, the next call must use
+    # the final values. (Before the cache built its parameters and snapshot
+    # from one copy, this failed in about half of the runs.)
+    import threading
+    C = 2048
+    layer = cbn.BatchNorm(C).eval()
+    x = np.ones((1, C), np.float32)
+    first = {key: value.copy() for key, value in layer.state_dict().items()}
+    second = {**first, "running_var": np.full(C, 4, np.float32),
+              "weight": np.full(C, 3, np.float32)}
+    stop = threading.Event()
+
+    def reader():
+        out = np.empty_like(x)
+        while not stop.is_set():
+            layer(x, out=out)
+
+    for final in range(3):
+        readers = [threading.Thread(target=reader) for _ in range(2)]
+        for thread in readers:
+            thread.start()
+        for i in range(400 + final):
+            layer.load_state_dict(second if i % 2 == 0 else first)
+        stop.set()
+        for thread in readers:
+            thread.join()
+        stop.clear()
+        expected = (1 - 0) / np.sqrt(layer.running_var.astype(np.float64) + 1e-5) \
+            * layer.weight
+        np.testing.assert_allclose(layer(x)[0], expected, rtol=1e-6)
+
+
+def test_internal_inference_calls_refuse_missing_parameters():
+    from cbn._dispatch import kernels
+    x = np.ones((2, 4, 3))
+    with pytest.raises(TypeError):
+        kernels.fast_normalize(x, 1, 2, 64, None, False, None)
+    with pytest.raises(TypeError):
+        kernels.normalize(x, None, False, x.copy(), 1)
+    with pytest.raises(TypeError, match="running_var"):
+        kernels.inference_params(None, None, np.zeros(4), None, 1e-5)
+    with pytest.raises(TypeError, match="cannot be changed"):
+        params = kernels.inference_params(None, None, np.zeros(4), np.ones(4), 1e-5)
+        params.__init__(np.zeros(4), np.ones(4), np.ones(4), np.zeros(4))
+
+
+def test_relu_backward_with_a_non_array_out_raises_a_type_error(rng):
+    layer = cbn.BatchNorm(4, activation="relu")
+    x = make_input(rng, (8, 4), 1, np.float32)
+    layer(x)
+    for bad in (object(), [0.0] * 32, "out"):
+        with pytest.raises(TypeError, match="out"):
+            layer.backward(np.ones_like(x), out=bad)
+
+
+def test_unaligned_parameter_arrays_are_copied_on_assignment(rng):
+    layer = cbn.BatchNorm(4).eval()
+    raw = np.zeros(4 * 4 + 1, np.uint8)
+    unaligned = np.frombuffer(raw.data, np.float32, count=4, offset=1)
+    assert not unaligned.flags.aligned
+    layer.weight = unaligned + 0  # an aligned temporary...
+    layer.weight = np.frombuffer(np.full(4, 2.0, np.float32).tobytes().rjust(17, b"\0"),
+                                 np.float32, count=4, offset=1)  # ...and an unaligned one
+    assert layer.weight.flags.aligned
+    x = make_input(rng, (5, 4), 1, np.float32)
+    np.testing.assert_allclose(layer(x), 2 * x / np.sqrt(1 + 1e-5), rtol=1e-6)
+    np.testing.assert_allclose(layer.fold()[0], 2 / np.sqrt(1 + 1e-5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("count, error", [(np.array([2, 5]), TypeError),
+                                          (np.array(2.7), TypeError),
+                                          (np.array(-1), ValueError)])
+def test_frozen_checks_num_batches_tracked(count, error):
+    state = {"running_mean": np.zeros(3), "running_var": np.ones(3),
+             "num_batches_tracked": count}
+    with pytest.raises(error, match="num_batches_tracked"):
+        cbn.FrozenBatchNorm(state)
+
+
+def test_a_layer_pickled_before_activation_existed_loads(rng):
+    layer = cbn.BatchNorm(3)
+    state = layer.__getstate__()
+    del state["_relu"]  # what a pickle made before activation= holds
+    old = cbn.BatchNorm.__new__(cbn.BatchNorm)
+    old.__setstate__(state)
+    assert old.activation is None
+    x = make_input(rng, (6, 3), 1, np.float32)
+    np.testing.assert_array_equal(old(x), layer(x))
