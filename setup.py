@@ -7,6 +7,9 @@ Environment switches (read at build time):
                        which it does not check (a sanitizer build would).
     CBN_NO_OPENMP=1    build serial even where OpenMP is available.
     CBN_NO_SIMD=1      build only the baseline kernels (no AVX2/AVX-512 builds).
+    CBN_SANITIZE=1     build with AddressSanitizer and UndefinedBehaviorSanitizer
+                       (-fsanitize=address,undefined, any error fatal); run
+                       Python with libasan preloaded (README, "Developing").
 """
 import os
 import platform
@@ -93,6 +96,10 @@ if sys.platform == "win32":
     base_args = ["/O2"]
 else:
     base_args = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+sanitize_args = []
+if env_flag("CBN_SANITIZE"):
+    sanitize_args = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                     "-fno-omit-frame-pointer", "-g"]
 
 # The same kernels compiled again for wider SIMD; cbn._dispatch picks the
 # widest one the CPU runs (NumPy-style runtime dispatch).
@@ -111,8 +118,8 @@ extensions = [
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         depends=["cbn/_kernels_impl.pxi", "cbn/_entry.pxi", "cbn/_inference.pxi",
                  "cbn/_omp_compat.h", "cbn/_stream.h", "cbn/_scratch.h"],
-        extra_compile_args=base_args + simd_args + omp,
-        extra_link_args=[f for f in omp if f != "/openmp"],
+        extra_compile_args=base_args + simd_args + omp + sanitize_args,
+        extra_link_args=[f for f in omp if f != "/openmp"] + sanitize_args,
     )
     for name, simd_args in SIMD_BUILDS.items()
 ]

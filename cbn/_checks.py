@@ -78,6 +78,20 @@ def activation(value):
     return value == "relu"
 
 
+NONFINITE = ("propagate", "raise", "skip")
+
+
+def nonfinite(value):
+    """The ``nonfinite`` argument: "propagate", "raise" or "skip"."""
+    if not isinstance(value, str):
+        raise TypeError(
+            f"nonfinite must be one of {NONFINITE}, got {type(value).__name__}"
+        )
+    if value not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of {NONFINITE}, got {value!r}")
+    return value
+
+
 def integer(value, name, what="an integer"):
     """``value`` as a Python int; TypeError for bools, floats and the rest."""
     if isinstance(value, (bool, np.bool_)):

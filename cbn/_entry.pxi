@@ -245,14 +245,41 @@ cdef int forward_kernels(const void* xp, void* yp, Block b, double eps,
                         s + S_VAR * C, s + S_INVSTD * C, <double*>yp, relu, threads)
 
 
+cdef enum:
+    # What a layer does with batch statistics that are not finite
+    NONFINITE_PROPAGATE = 0   # into the running statistics, as PyTorch
+    NONFINITE_RAISE = 1       # FloatingPointError before any state changes
+    NONFINITE_SKIP = 2        # those channels' running statistics stay as they were
+
+NONFINITE_MODES = {"propagate": NONFINITE_PROPAGATE, "raise": NONFINITE_RAISE,
+                   "skip": NONFINITE_SKIP}
+
+
+cdef inline bint finite_stats(const double* mean, const double* var,
+                              Py_ssize_t c) noexcept nogil:
+    return isfinite(mean[c]) and isfinite(var[c])
+
+
+def nonfinite_error(channels):
+    """The FloatingPointError of nonfinite="raise" for these channels."""
+    shown = list(channels[:20]) + (["..."] if len(channels) > 20 else [])
+    return FloatingPointError(
+        f"batch statistics are not finite in {len(channels)} channel(s) "
+        f"{shown} (NaN or inf in the input); nonfinite='raise': nothing was updated"
+    )
+
+
 cdef void running_update(double* running_mean, double* running_var,
                          const double* mean, const double* var, Py_ssize_t C,
-                         Py_ssize_t n, double factor) noexcept nogil:
+                         Py_ssize_t n, double factor, bint skip_nonfinite) noexcept nogil:
     """In place, as functional._update_running: PyTorch's update with the
-    unbiased batch variance."""
+    unbiased batch variance; with skip_nonfinite, channels whose statistics
+    are not finite keep their running values."""
     cdef Py_ssize_t c
     cdef double correction = <double>n / (n - 1)
     for c in range(C):
+        if skip_nonfinite and not finite_stats(mean, var, c):
+            continue
         running_mean[c] = (1.0 - factor) * running_mean[c] + factor * mean[c]
         running_var[c] = (1.0 - factor) * running_var[c] + factor * (var[c] * correction)
 
@@ -260,8 +287,8 @@ cdef void running_update(double* running_mean, double* running_var,
 cdef object plain_forward(cnp.ndarray x, Block b, object weight, object bias,
                           object running_mean, object running_var, double eps,
                           bint batch_stats, bint update, double factor, bint relu,
-                          object out, object save_mean, object save_invstd,
-                          object save_weight):
+                          int nonfinite, object out, object save_mean,
+                          object save_invstd, object save_weight):
     """y, or None when an argument is not the plain case. With ``update`` the
     running statistics are updated in place; the save_* arrays (plain float64
     (C,) or None) receive what backward needs."""
@@ -301,9 +328,13 @@ cdef object plain_forward(cnp.ndarray x, Block b, object weight, object bias,
             status = forward_kernels(xp, yp, b, eps, batch_stats, relu, s,
                                      threads_for_c(n * C))
         check_scratch(status)
+        if batch_stats and nonfinite == NONFINITE_RAISE:
+            bad = [c for c in range(C) if not finite_stats(s + S_MEAN * C, s + S_VAR * C, c)]
+            if bad:
+                raise nonfinite_error(bad)
         if update:
             running_update(running, running + C, s + S_MEAN * C, s + S_VAR * C,
-                           C, n, factor)
+                           C, n, factor, nonfinite == NONFINITE_SKIP)
             store_channels(running_mean, running, C)
             store_channels(running_var, running + C, C)
         if save_mean is not None:
@@ -431,11 +462,12 @@ def fast_batch_norm(x, running_mean, running_var, weight, bias, training,
         if not has_running and (running_mean is not None or running_var is not None):
             return None
         return plain_forward(x, b, weight, bias, running_mean, running_var, eps_c,
-                             True, has_running, momentum_c, relu, out, None, None, None)
+                             True, has_running, momentum_c, relu, NONFINITE_PROPAGATE,
+                             out, None, None, None)
     if not has_running:
         return None
     return plain_forward(x, b, weight, bias, running_mean, running_var, eps_c, False,
-                         False, 0.0, relu, out, None, None, None)
+                         False, 0.0, relu, NONFINITE_PROPAGATE, out, None, None, None)
 
 
 def fast_batch_norm_forward(x, weight, bias, eps, axis, out):
@@ -448,7 +480,7 @@ def fast_batch_norm_forward(x, weight, bias, eps, axis, out):
     save_mean = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&b.C, cnp.NPY_DOUBLE, 0)
     save_invstd = cnp.PyArray_EMPTY(1, <cnp.npy_intp*>&b.C, cnp.NPY_DOUBLE, 0)
     y = plain_forward(x, b, weight, bias, None, None, eps_c, True, False, 0.0, False,
-                      out, save_mean, save_invstd, None)
+                      NONFINITE_PROPAGATE, out, save_mean, save_invstd, None)
     if y is None:
         return None
     return y, save_mean, save_invstd
@@ -456,8 +488,8 @@ def fast_batch_norm_forward(x, weight, bias, eps, axis, out):
 
 def fast_layer_forward(x, axis, int min_ndim, int max_ndim, Py_ssize_t num_channels,
                        weight, bias, running_mean, running_var, eps,
-                       bint batch_stats, bint update, double factor, bint relu, out,
-                       save_mean, save_invstd, save_weight):
+                       bint batch_stats, bint update, double factor, bint relu,
+                       int nonfinite, out, save_mean, save_invstd, save_weight):
     """BatchNorm.forward with batch statistics for the plain case. The layer's
     hyper-parameters are already valid; save_* are its float64 (C,) buffers
     for backward."""
@@ -467,7 +499,7 @@ def fast_layer_forward(x, axis, int min_ndim, int max_ndim, Py_ssize_t num_chann
             or not plain_number(eps, 0.0, 1e308, True, &eps_c)):
         return None
     return plain_forward(x, b, weight, bias, running_mean, running_var, eps_c,
-                         batch_stats, update, factor, relu, out, save_mean,
+                         batch_stats, update, factor, relu, nonfinite, out, save_mean,
                          save_invstd, save_weight)
 
 

@@ -114,18 +114,22 @@ def _relu_grad(dy, y):
     return np.where(y <= 0, dy.dtype.type(0), dy)
 
 
-def _update_running(running_mean, running_var, mean, var, n, factor):
+def _update_running(running_mean, running_var, mean, var, n, factor, keep=None):
     """PyTorch's update: running = (1 - factor) * running + factor * batch, with
     the unbiased variance. Computed in float64, stored in the buffers' dtype.
 
     NaN and inf are meant to propagate here, so NumPy's floating-point error
     settings (e.g. ``np.errstate(invalid="raise")``) must not interrupt the
     update half-way; both new values exist before either buffer is written.
+    ``keep``: a boolean mask of channels whose running values stay as they are.
     """
     with np.errstate(all="ignore"):
         new_mean = (1.0 - factor) * running_mean.astype(np.float64) + factor * mean
         new_var = ((1.0 - factor) * running_var.astype(np.float64)
                    + factor * (var * (n / (n - 1))))
+    if keep is not None:
+        new_mean = np.where(keep, running_mean, new_mean)
+        new_var = np.where(keep, running_var, new_var)
     running_mean[...] = new_mean
     running_var[...] = new_var
 

@@ -93,6 +93,13 @@ class BatchNorm:
     activation : None or "relu", keyword-only
         "relu" applies max(y, 0) in the same pass over memory; backward then
         zeroes the gradient where the output was clipped (y <= 0).
+    nonfinite : "propagate", "raise" or "skip", keyword-only
+        What a forward with batch statistics does when a channel's statistics
+        are not finite (NaN or inf in the input): "propagate" them into the
+        running statistics (PyTorch's behaviour); "raise" FloatingPointError
+        naming the channels before any of the layer's state changes; or
+        "skip" those channels' running-statistics update (the output is
+        computed, NaN where the input was).
 
     Calls from several Python threads are safe: eval calls run in parallel
     (kernels release the GIL) and training calls take a per-layer lock, so the
@@ -109,11 +116,13 @@ class BatchNorm:
     running_var = _ChannelArray()
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, axis=1, dtype=np.float32, activation=None):
+                 track_running_stats=True, *, axis=1, dtype=np.float32, activation=None,
+                 nonfinite="propagate"):
         self.num_features = _checks.num_features(num_features)
         self.eps = eps
         self.momentum = momentum
         self.activation = activation
+        self.nonfinite = nonfinite
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.axis = _checks.integer(axis, "axis")
@@ -177,6 +186,15 @@ class BatchNorm:
     @activation.setter
     def activation(self, value):
         self._relu = _checks.activation(value)
+
+    @property
+    def nonfinite(self):
+        """"propagate", "raise" or "skip": see the class docstring."""
+        return self._nonfinite
+
+    @nonfinite.setter
+    def nonfinite(self, value):
+        self._nonfinite = _checks.nonfinite(value)
 
     # -- modes
 
@@ -243,7 +261,8 @@ class BatchNorm:
             y = kernels.fast_layer_forward(
                 x, self.axis, ranks.start, ranks.stop - 1, self.num_features,
                 self._weight, self._bias, self._running_mean, self._running_var,
-                self._eps, True, update, factor, self._relu, out,
+                self._eps, True, update, factor, self._relu,
+                kernels.NONFINITE_MODES[self._nonfinite], out,
                 self._save_mean, self._save_invstd, self._save_weight)
             source = x
             if y is None:
@@ -274,9 +293,13 @@ class BatchNorm:
         F._check_training_size(view)
         y, mean, var, invstd = F._train_forward(view, weight, bias, self.eps, output,
                                                 self._relu)
+        bad = ~(np.isfinite(mean) & np.isfinite(var)) if view.size else None
+        if self._nonfinite == "raise" and view.size and bad.any():
+            raise kernels.nonfinite_error(np.flatnonzero(bad).tolist())
         if update and view.size:  # an empty batch changes nothing
             F._update_running(self.running_mean, self.running_var, mean, var,
-                              view.values_per_channel, factor)
+                              view.values_per_channel, factor,
+                              keep=bad if self._nonfinite == "skip" else None)
             self.num_batches_tracked += 1
         self._save_mean[...] = mean
         self._save_invstd[...] = invstd
@@ -515,6 +538,7 @@ class BatchNorm:
 
     def __setstate__(self, state):
         state.setdefault("_relu", False)  # pickled before activation= existed
+        state.setdefault("_nonfinite", "propagate")  # ... and before nonfinite=
         self.__dict__.update(state)
         self._init_call_state()
 
@@ -528,6 +552,8 @@ class BatchNorm:
             text += f", dtype={self.dtype}"
         if self._relu:
             text += ", activation='relu'"
+        if self._nonfinite != "propagate":
+            text += f", nonfinite={self._nonfinite!r}"
         return text + ")"
 
 
