@@ -43,7 +43,13 @@ def _real_number(value, name):
     PyTorch's ``eps=1``); TypeError for anything else."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return value if type(value) in (int, float) else float(value)
+    try:
+        as_float = float(value)
+    except OverflowError:  # an int or Fraction beyond the float range
+        raise ValueError(
+            f"{name} is out of the float range, got {type(value).__name__} {value!r}"
+        ) from None
+    return value if type(value) in (int, float) else as_float
 
 
 def eps(value):
@@ -119,11 +125,11 @@ def to_numpy(value):
         if hasattr(value, "cpu"):
             value = value.cpu()
         try:
-            return value.numpy()
+            return np.asarray(value.numpy())
         except TypeError:  # dtypes NumPy lacks (bfloat16): go through float32
             if not hasattr(value, "float"):
                 raise
-            return value.float().numpy()
+            return np.asarray(value.float().numpy())
     try:
         return np.asarray(value)
     except Exception as exc:  # ragged sequences and other non-arrays

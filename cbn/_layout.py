@@ -58,18 +58,25 @@ def as_array(x, name="input"):
 _NATIVE_DTYPES = frozenset([np.dtype(np.float32), np.dtype(np.float64)])
 
 
-def channel_view(x, axis, name="input"):
-    """Validate ``x`` (rank >= 2, float dtype) and view it as (outer, C, inner)."""
-    if (type(x) is np.ndarray and x.dtype in _NATIVE_DTYPES and x.ndim >= 2
-            and x.flags.c_contiguous and type(axis) is int and -x.ndim <= axis < x.ndim):
-        return _view_of(x, x, axis % x.ndim)
+def checked_array(x, axis, name="input"):
+    """``(array, axis)``: ``x`` as an ndarray of a supported float dtype with at
+    least 2 dimensions, and its channel axis made non-negative. Nothing is
+    copied yet, so callers can check the channel count of a huge input first."""
     array = as_array(x, name)
     if array.ndim < 2:
         raise ValueError(
             f"{name} must have at least 2 dimensions (batch and channels), "
             f"got shape {array.shape}"
         )
-    axis = channel_axis(axis, array.ndim, array.shape)
+    return array, channel_axis(axis, array.ndim, array.shape)
+
+
+def channel_view(x, axis, name="input"):
+    """Validate ``x`` (rank >= 2, float dtype) and view it as (outer, C, inner)."""
+    if (type(x) is np.ndarray and x.dtype in _NATIVE_DTYPES and x.ndim >= 2
+            and x.flags.c_contiguous and type(axis) is int and -x.ndim <= axis < x.ndim):
+        return _view_of(x, x, axis % x.ndim)
+    array, axis = checked_array(x, axis, name)
     data = np.ascontiguousarray(array, dtype=_checks.compute_dtype(array.dtype, name))
     return _view_of(array, data, axis)
 

@@ -84,6 +84,6 @@ def batch_count(value):
             f"shape {array.shape} and dtype {array.dtype}"
         )
     count = int(array.reshape(()))
-    if count < 0:
-        raise ValueError(f"num_batches_tracked must be >= 0, got {count}")
+    if not 0 <= count < 2**63:  # PyTorch keeps it in an int64
+        raise ValueError(f"num_batches_tracked must be in [0, 2**63), got {count}")
     return count

@@ -5,7 +5,7 @@ import numpy as np
 from . import _checks, _state
 from . import functional as F
 from ._dispatch import kernels
-from ._layout import Output, as_array, channel_view
+from ._layout import Output, as_array, channel_view, checked_array
 
 __all__ = ["FrozenBatchNorm"]
 
@@ -124,12 +124,13 @@ class FrozenBatchNorm:
                     f"{type(self).__name__}.backward with activation='relu' needs "
                     "the output of a forward first"
                 )
-            dy = F._relu_grad(dy, self._saved_output)
+            dy = F._relu_grad(dy, self._saved_output, out)
         dx = kernels.fast_normalize(dy, self._axis, 2, 64, self._grad_params, False,
                                     out)
         if dx is None:
-            view = channel_view(dy, self._axis, name="dy")
-            self._check_channels(view, "dy")
+            array, axis = checked_array(dy, self._axis, name="dy")
+            self._check_channels(array.shape, array.shape[axis], "dy")
+            view = channel_view(array, axis, name="dy")
             dx = F._normalize(view, self._grad_params, False, Output(view, out))
         return dx
 
@@ -137,16 +138,16 @@ class FrozenBatchNorm:
         array = as_array(x)
         if self._ranks is not None and array.ndim not in self._ranks:
             raise ValueError(f"expected {self._ranks_text} input (got {array.ndim}D input)")
-        view = channel_view(array, self._axis)
-        self._check_channels(view, "input")
-        return view
+        array, axis = checked_array(array, self._axis)
+        self._check_channels(array.shape, array.shape[axis], "input")  # before any copy
+        return channel_view(array, axis)
 
-    def _check_channels(self, view, name):
-        if view.num_channels != self._num_features:
+    def _check_channels(self, shape, channels, name):
+        if channels != self._num_features:
             raise ValueError(
                 f"{type(self).__name__}({self._num_features}) expects "
                 f"{self._num_features} channels on axis {self._axis}, got {name} of "
-                f"shape {view.shape} with {view.num_channels}"
+                f"shape {shape} with {channels}"
             )
 
     # -- state

@@ -19,7 +19,8 @@ import numpy as np
 
 from . import _checks
 from ._dispatch import kernels
-from ._layout import Output, as_array, channel_view, check_stats_out, like_view
+from ._layout import (Output, as_array, channel_view, check_stats_out, like_view,
+                      same_buffer)
 from ._threads import threads_for
 
 __all__ = ["batch_norm", "batch_stats", "batch_norm_forward", "batch_norm_backward"]
@@ -102,7 +103,7 @@ def _scale_shift(params, dtype):
     return params.scale.astype(dtype), shift.astype(dtype)
 
 
-def _relu_grad(dy, y):
+def _relu_grad(dy, y, out=None):
     """The gradient through a fused ReLU: 0 where it clipped the output
     (``y <= 0``), ``dy`` elsewhere, NaN outputs included, as PyTorch's
     threshold_backward; in dy's dtype."""
@@ -110,6 +111,14 @@ def _relu_grad(dy, y):
     if dy.shape != y.shape:
         raise ValueError(
             f"dy has shape {dy.shape}, expected the output's shape {y.shape}"
+        )
+    # The masked copy is what the backward reads, so check out against the
+    # caller's dy here: out may be dy itself, not a shifted window of it.
+    if (isinstance(out, np.ndarray) and np.may_share_memory(out, dy)
+            and not same_buffer(out, dy)):
+        raise ValueError(
+            "out partially overlaps dy; pass dy itself for an in-place call, or a "
+            "separate array"
         )
     return np.where(y <= 0, dy.dtype.type(0), dy)
 

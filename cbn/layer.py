@@ -9,7 +9,7 @@ import numpy as np
 from . import _checks, _state
 from . import functional as F
 from ._dispatch import kernels
-from ._layout import ChannelView, Output, as_array, channel_view, like_view
+from ._layout import ChannelView, Output, as_array, channel_view, checked_array, like_view
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -129,14 +129,20 @@ class BatchNorm:
         self.dtype = _checks.layer_dtype(dtype)
         self.training = True
         shape, dt = (self.num_features,), self.dtype
-        self._weight = np.ones(shape, dt) if self.affine else None
-        self._bias = np.zeros(shape, dt) if self.affine else None
-        self._running_mean = np.zeros(shape, dt) if self.track_running_stats else None
-        self._running_var = np.ones(shape, dt) if self.track_running_stats else None
+        try:
+            self._weight = np.ones(shape, dt) if self.affine else None
+            self._bias = np.zeros(shape, dt) if self.affine else None
+            self._running_mean = np.zeros(shape, dt) if self.track_running_stats else None
+            self._running_var = np.ones(shape, dt) if self.track_running_stats else None
+            self._init_call_state()
+        except (MemoryError, ValueError) as error:  # NumPy's "too big" is a ValueError
+            raise ValueError(
+                f"num_features={self.num_features}: cannot allocate the per-channel "
+                f"arrays ({error})"
+            ) from None
         self.num_batches_tracked = 0 if self.track_running_stats else None
         self.grad_weight = None
         self.grad_bias = None
-        self._init_call_state()
 
     def _init_call_state(self):
         """What calls keep, never pickled or copied: the training lock, the
@@ -213,14 +219,14 @@ class BatchNorm:
         array = as_array(x)
         if self._ranks is not None and array.ndim not in self._ranks:
             raise ValueError(f"expected {self._ranks_text} input (got {array.ndim}D input)")
-        view = channel_view(array, self.axis)
-        if view.num_channels != self.num_features:
+        array, axis = checked_array(array, self.axis)
+        if array.shape[axis] != self.num_features:  # before any copy of x
             raise ValueError(
                 f"{type(self).__name__}({self.num_features}) expects "
                 f"{self.num_features} channels on axis {self.axis}, got input of "
-                f"shape {view.shape} with {view.num_channels}"
+                f"shape {array.shape} with {array.shape[axis]}"
             )
-        return view
+        return channel_view(array, axis)
 
     def forward(self, x, out=None):
         """Normalize ``x``; returns an array of ``x``'s shape and dtype.
@@ -336,7 +342,7 @@ class BatchNorm:
                                            relu_output)
         if result is None:
             if relu_output is not None:
-                dy = F._relu_grad(dy, relu_output)
+                dy = F._relu_grad(dy, relu_output, out)
             view = source if isinstance(source, ChannelView) else self._view(source)
             dy_data = like_view(dy, view, "dy")
             dx, grad_weight, grad_bias = F._backward(
