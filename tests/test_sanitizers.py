@@ -1,4 +1,4 @@
-"""The whole suite once more, against a build with AddressSanitizer and
+"""The whole suite once more (but the leak tests), against a build with AddressSanitizer and
 UndefinedBehaviorSanitizer (CBN_SANITIZE=1, see setup.py).
 
 Any out-of-bounds access, use after free or undefined behaviour in the
@@ -82,9 +82,11 @@ def test_whole_suite_is_clean_under_address_and_undefined_behaviour_sanitizers(t
                            cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=300)
     assert where.stdout.strip() == str(site / "cbn" / "__init__.py"), where.stderr
+    # test_leaks.py measures resident memory, which ASan's allocator inflates
+    # (freed blocks wait in its quarantine); it runs in the plain suite.
     run = subprocess.run(
         [sys.executable, "-m", "pytest", str(TESTS), "-q", "-p", "no:cacheprovider",
-         f"--ignore={Path(__file__).resolve()}"],
+         f"--ignore={Path(__file__).resolve()}", f"--ignore={TESTS / 'test_leaks.py'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=2400)
     output = run.stdout + run.stderr
     assert "ERROR: AddressSanitizer" not in output, output[-6000:]
