@@ -1,5 +1,5 @@
-"""The whole suite once more (but the leak tests), against a build with AddressSanitizer and
-UndefinedBehaviorSanitizer (CBN_SANITIZE=1, see setup.py).
+"""The whole suite once more (but the leak tests), against a build with
+AddressSanitizer and UndefinedBehaviorSanitizer (CBN_SANITIZE=1, see setup.py).
 
 Any out-of-bounds access, use after free or undefined behaviour in the
 compiled code aborts that run, which then fails this test with the report.
