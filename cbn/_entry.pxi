@@ -298,8 +298,8 @@ cdef object plain_forward(cnp.ndarray x, Block b, object weight, object bias,
     cdef int status
     cdef const void* xp
     cdef void* yp
-    if n == 0 or (batch_stats and n == 1):
-        return None  # empty batches and single values: the general path's rules
+    if n == 0 or C == 0 or (batch_stats and n == 1):
+        return None  # empty batches, no channels, single values: the general path's rules
     if update and not (batch_stats and writable_channels(running_mean, C)
                        and writable_channels(running_var, C)):
         return None
@@ -399,7 +399,7 @@ cdef object plain_backward(cnp.ndarray dy, cnp.ndarray x, Block b, object save_m
     cdef const void* xp = cnp.PyArray_DATA(x)
     cdef const void* yp = NULL
     cdef void* dxp
-    if n == 0 or not same_layout(dy, x):
+    if n == 0 or C == 0 or not same_layout(dy, x):
         return None
     if relu_output is not None:
         if not same_layout(relu_output, x) or (out is not None and (

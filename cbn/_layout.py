@@ -74,11 +74,19 @@ def checked_array(x, axis, name="input"):
 def channel_view(x, axis, name="input"):
     """Validate ``x`` (rank >= 2, float dtype) and view it as (outer, C, inner)."""
     if (type(x) is np.ndarray and x.dtype in _NATIVE_DTYPES and x.ndim >= 2
-            and x.flags.c_contiguous and type(axis) is int and -x.ndim <= axis < x.ndim):
+            and x.flags.c_contiguous and x.flags.aligned and type(axis) is int
+            and -x.ndim <= axis < x.ndim):
         return _view_of(x, x, axis % x.ndim)
     array, axis = checked_array(x, axis, name)
-    data = np.ascontiguousarray(array, dtype=_checks.compute_dtype(array.dtype, name))
+    data = kernel_layout(array, _checks.compute_dtype(array.dtype, name))
     return _view_of(array, data, axis)
+
+
+def kernel_layout(array, dtype):
+    """``array`` as the kernels read it: C-contiguous, aligned, of ``dtype``
+    (itself when it already is; misaligned loads are undefined behaviour)."""
+    data = np.ascontiguousarray(array, dtype=dtype)
+    return data if data.flags.aligned else data.copy()
 
 
 def _view_of(array, data, axis):
@@ -97,8 +105,7 @@ def like_view(x, view, name):
         raise ValueError(
             f"{name} has shape {array.shape}, expected the input's shape {view.shape}"
         )
-    data = np.ascontiguousarray(array, dtype=view.data.dtype)
-    return data.reshape(view.data.shape)
+    return kernel_layout(array, view.data.dtype).reshape(view.data.shape)
 
 
 class Output:
@@ -115,8 +122,9 @@ class Output:
             self.result = np.empty(view.shape, dtype=view.dtype)
         else:
             self.result = check_out(out, view, name, other_inputs)
-        self._convert = self.result.dtype != view.data.dtype
-        if self._convert:  # float16: compute in float32, convert at the end
+        self._convert = (self.result.dtype != view.data.dtype
+                         or not self.result.flags.aligned)
+        if self._convert:  # float16 or a misaligned out: compute aside, copy at the end
             self.kernel_out = np.empty(view.data.shape, dtype=view.data.dtype)
         else:
             self.kernel_out = self.result.reshape(view.data.shape)

@@ -293,3 +293,19 @@ def test_numpy_error_settings_do_not_interrupt_the_running_update(rng):
     assert layer.num_batches_tracked == 2
     # 0 * inf is NaN, in PyTorch's update formula too: channel 1 stays poisoned.
     assert np.isfinite(layer.running_mean[0]) and np.isnan(layer.running_mean[1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_inputs_without_channels_give_empty_results(dtype):
+    # (N, 0): the kernels' row cuts would divide by the number of columns.
+    x = np.zeros((2, 0), dtype)
+    empty = np.zeros(0)
+    assert cbn.batch_norm(x, empty, empty.copy()).shape == (2, 0)
+    assert cbn.batch_norm(x, None, None, training=True).shape == (2, 0)
+    y, mean, invstd = cbn.batch_norm_forward(x)
+    assert y.shape == (2, 0) and mean.shape == invstd.shape == (0,)
+    for training in (True, False):
+        dx, grad_weight, grad_bias = cbn.batch_norm_backward(
+            x, x, mean, invstd, training=training)
+        assert dx.shape == (2, 0) and grad_weight.shape == grad_bias.shape == (0,)
+    assert [a.shape for a in cbn.batch_stats(x)] == [(0,), (0,)]
