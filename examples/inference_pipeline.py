@@ -117,30 +117,27 @@ def dense(weight, bias, x, out):
     out += bias
 
 
-def fused(network):
-    layers = [(w, b, cbn.BatchNorm1d.from_state_dict(norm.state_dict(), eps=norm.eps,
-                                                     activation="relu").eval())
-              for w, b, norm in network]
+def with_relu(norm):
+    """An eval-mode copy of ``norm`` with the ReLU fused."""
+    return cbn.BatchNorm1d.from_state_dict(norm.state_dict(), eps=norm.eps,
+                                           activation="relu").eval()
 
-    def step(block, x, out):
-        weight, bias, norm = block
-        dense(weight, bias, x, out)
-        norm(out, out=out)
-    return with_buffers(layers, step)
+
+def dense_then_norm(block, x, out):
+    """One block into ``out``: the dense layer, then the batch norm in place."""
+    weight, bias, norm = block
+    dense(weight, bias, x, out)
+    norm(out, out=out)
+
+
+def fused(network):
+    return with_buffers([(w, b, with_relu(norm)) for w, b, norm in network],
+                        dense_then_norm)
 
 
 def frozen(network):
-    blocks = []
-    for weight, bias, norm in network:
-        relu_norm = cbn.BatchNorm1d.from_state_dict(norm.state_dict(), eps=norm.eps,
-                                                    activation="relu")
-        blocks.append((weight, bias, relu_norm.freeze()))
-
-    def step(block, x, out):
-        weight, bias, norm = block
-        dense(weight, bias, x, out)
-        norm(out, out=out)
-    return with_buffers(blocks, step)
+    return with_buffers([(w, b, with_relu(norm).freeze()) for w, b, norm in network],
+                        dense_then_norm)
 
 
 def folded(network):

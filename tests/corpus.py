@@ -79,3 +79,16 @@ def make_input(rng, shape, axis, dtype, offset=0.0, scale=1.0):
 def tolerance(dtype):
     """(rtol, atol) for comparing a result in ``dtype`` with the float64 oracle."""
     return (2e-5, 2e-5) if np.dtype(dtype) == np.float32 else (1e-11, 1e-11)
+
+
+class FakeTensor:
+    """Duck-typed like a PyTorch CPU tensor (detach() and numpy())."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def detach(self):
+        return self
+
+    def numpy(self):
+        return self.array

@@ -14,6 +14,7 @@ import pytest
 
 import cbn
 from cbn.folding import fold_into_conv, fold_into_linear
+from corpus import FakeTensor
 
 DTYPES = [pytest.param(np.float32, id="f32"), pytest.param(np.float64, id="f64")]
 
@@ -284,19 +285,9 @@ def test_linear_accepts_duck_typed_layers_and_tensors():
         def fold(self):
             return np.array([2.0, -1.0]), np.array([0.5, 3.0])
 
-    class TensorLike:  # what cbn's duck-typed tensor conversion relies on
-        def __init__(self, array):
-            self.array = array
-
-        def detach(self):
-            return self
-
-        def numpy(self):
-            return self.array
-
     weight = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     bias = np.array([1.0, -1.0])
-    new_w, new_b = fold_into_linear(TensorLike(weight), TensorLike(bias), Frozen())
+    new_w, new_b = fold_into_linear(FakeTensor(weight), FakeTensor(bias), Frozen())
     np.testing.assert_array_equal(new_w, [[2.0, 4.0, 6.0], [-4.0, -5.0, -6.0]])
     np.testing.assert_array_equal(new_b, [2.5, 4.0])
 

@@ -44,7 +44,7 @@ import pytest
 
 import cbn
 
-from corpus import layer_state
+from corpus import FakeTensor, layer_state
 
 C = 3
 NAN, INF = float("nan"), float("inf")
@@ -108,17 +108,6 @@ def fixed(slot, value, tokens=None):
     return one(slot, repr(value)[:40], lambda: value, tokens)
 
 
-class FakeTensor:
-    """Duck-typed like a PyTorch CPU tensor (detach() and numpy())."""
-
-    def __init__(self, array):
-        self.array = array
-
-    def detach(self):
-        return self
-
-    def numpy(self):
-        return self.array
 
 
 BAD_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
