@@ -36,7 +36,8 @@ def openmp_flags():
     on serial: Cython's prange then compiles to a plain loop.
     """
     if env_flag("CBN_NO_OPENMP"):
-        warnings.warn("cbn: CBN_NO_OPENMP is set; building the kernels serial.")
+        warnings.warn("cbn: CBN_NO_OPENMP is set; building the kernels serial.",
+                      stacklevel=2)
         return []
     if sys.platform == "win32":
         return ["/openmp"]  # MSVC always has it
@@ -68,7 +69,8 @@ def openmp_flags():
     if not ok:
         warnings.warn(
             "cbn: the C compiler cannot build OpenMP code with -fopenmp; "
-            "building the kernels serial (cbn.set_num_threads will have no effect)."
+            "building the kernels serial (cbn.set_num_threads will have no effect).",
+            stacklevel=2,
         )
         return []
     return [flag]
@@ -110,18 +112,29 @@ if (platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32
     SIMD_BUILDS["_kernels_avx512"] = ["-mavx512f", "-mavx512bw", "-mavx512dq",
                                       "-mavx512vl", "-mprefer-vector-width=512"]
 
-extensions = [
-    Extension(
+TABLE = ["cbn/_kernel_table.h", "cbn/_kernel_table.pxd", "cbn/_omp_compat.h"]
+KERNEL_DEPENDS = TABLE + ["cbn/_kernels_impl.pxi", "cbn/_kernel_export.pxi", "cbn/_stream.h",
+                          "cbn/_scratch.h"]
+CORE_DEPENDS = TABLE + ["cbn/_threads.pxi", "cbn/_view.pxi", "cbn/_rules.pxi",
+                        "cbn/_inference.pxi", "cbn/_calls.pxi"]
+
+
+def extension(name, depends, simd_args=()):
+    return Extension(
         f"cbn.{name}",
         sources=[f"cbn/{name}.pyx"],
         include_dirs=["cbn", numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        depends=["cbn/_kernels_impl.pxi", "cbn/_entry.pxi", "cbn/_inference.pxi",
-                 "cbn/_omp_compat.h", "cbn/_stream.h", "cbn/_scratch.h"],
-        extra_compile_args=base_args + simd_args + omp + sanitize_args,
+        depends=depends,
+        extra_compile_args=base_args + list(simd_args) + omp + sanitize_args,
         extra_link_args=[f for f in omp if f != "/openmp"] + sanitize_args,
     )
-    for name, simd_args in SIMD_BUILDS.items()
+
+
+# Only the inner kernels are compiled per SIMD target; the executor (cbn._core:
+# validation, caches, entry points) once, calling them through a table.
+extensions = [extension("_core", CORE_DEPENDS)] + [
+    extension(name, KERNEL_DEPENDS, simd_args) for name, simd_args in SIMD_BUILDS.items()
 ]
 
 setup(

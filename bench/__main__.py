@@ -9,6 +9,6 @@ from pathlib import Path
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent.parent:
     del sys.path[0]
 
-from .run import main  # noqa: E402
+from .run import main
 
 sys.exit(main())

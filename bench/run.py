@@ -10,7 +10,8 @@ with a preallocated output and with its default call, the vectorized NumPy
 formula, PyTorch CPU (when installed, at the same thread count) and a copy of
 the same bytes, all calls of a case interleaved round by round, the caches
 flushed before each call on large arrays. Then small calls in microseconds,
-thread scaling at 1 and 2 threads, and Python threads sharing one eval layer. Prints the tables and the issue's
+thread scaling at 1 and 2 threads, and Python threads sharing one eval layer.
+Prints the tables and the issue's
 targets with PASS/FAIL, writes the results as JSON and, when matplotlib is
 installed, a PNG chart.
 
@@ -47,10 +48,28 @@ except ImportError as error:
     sys.exit(f"cannot import cbn ({error}); install it (pip install .) or put an "
              "in-place build on PYTHONPATH")
 
-from . import (environment, plot, python_threads, report, scaling, small_calls, suite,
-               targets, torch_ops)
-from .cases import (FULL_SUITE, OPS, PYTHON_THREADS, QUICK_PYTHON_THREADS, QUICK_SUITE,
-                    SCALING_CASES, SMALL_CALLS, scaling_name, small_call_name)
+from . import (
+    environment,
+    plot,
+    python_threads,
+    report,
+    scaling,
+    small_calls,
+    suite,
+    targets,
+    torch_ops,
+)
+from .cases import (
+    FULL_SUITE,
+    OPS,
+    PYTHON_THREADS,
+    QUICK_PYTHON_THREADS,
+    QUICK_SUITE,
+    SCALING_CASES,
+    SMALL_CALLS,
+    scaling_name,
+    small_call_name,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -5,6 +5,22 @@ running statistics with PyTorch's semantics; the functions in
 :mod:`cbn.functional` are the same computations without state. Kernels are
 typed Cython with OpenMP; :mod:`cbn.reference` holds their plain-NumPy twins.
 """
+import importlib.util as _importlib_util
+import os as _os
+
+if _importlib_util.find_spec("cbn._core") is None:
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    if _os.path.exists(_os.path.join(_here, "_core.pyx")):
+        raise ImportError(
+            f"cbn's compiled kernels are missing from {_here}: this is cbn's source "
+            "folder, and it shadows any installed cbn because it comes first on "
+            "sys.path (you are probably in the repository root). Change to another "
+            "directory to use the installed cbn, or build the kernels in place with "
+            "`python setup.py build_ext --inplace`."
+        )
+    raise ImportError(f"cbn's compiled kernels (cbn._core) are missing from {_here}; "
+                      "reinstall cbn")
+
 from . import reference  # noqa: F401  (cbn.reference is public)
 from ._threads import get_num_threads, set_num_threads
 from .folding import fold_into_conv, fold_into_linear
@@ -22,7 +38,7 @@ __all__ = [
 ]
 
 
-def show_config():
+def show_config() -> None:
     """Print how the compiled kernels were built and which build is in use."""
     import sysconfig
 

@@ -1,9 +1,11 @@
 """Runtime choice of the widest SIMD build of the kernels this CPU runs.
 
-setup.py compiles the same kernels (cbn/_kernels_impl.pxi) for the baseline
-instruction set and, on x86-64, for AVX2 and AVX-512. They compute the same
-bits; the wider ones are faster. ``CBN_SIMD=baseline|avx2|avx512`` forces one
-(for tests and benchmarks); asking for a build the CPU cannot run is an error.
+setup.py compiles the same inner kernels (cbn/_kernels_impl.pxi) for the
+baseline instruction set and, on x86-64, for AVX2 and AVX-512. They compute
+the same bits; the wider ones are faster. ``CBN_SIMD=baseline|avx2|avx512``
+forces one (for tests and benchmarks); asking for a build the CPU cannot run
+is an error. The chosen build's table goes to the executor, cbn._core, which
+is compiled once: ``kernels`` below is that executor.
 """
 import importlib
 import importlib.util
@@ -12,6 +14,7 @@ import os
 from ._omp_env import short_spin
 
 with short_spin():  # the first import loads libgomp
+    from . import _core
     from . import _kernels as _baseline
 
 BUILDS = {"avx512": "cbn._kernels_avx512", "avx2": "cbn._kernels_avx2",
@@ -48,4 +51,6 @@ def _choose():
     return _baseline
 
 
-kernels = _choose()
+build = _choose()
+_core.use_kernels(build)
+kernels = _core

@@ -29,6 +29,8 @@ cdef class ChannelParams:
     cdef readonly object mean, invstd, weight, bias, scale, stats
     cdef readonly Py_ssize_t num_channels
     cdef const double* mean_p
+    cdef const double* invstd_p
+    cdef const double* weight_p
     cdef const double* scale_p
     cdef const double* bias_p
 
@@ -56,8 +58,16 @@ cdef class ChannelParams:
             a.flags.writeable = False
         self.stats = (self.mean, self.invstd, self.weight)
         self.mean_p = <const double*>cnp.PyArray_DATA(<cnp.ndarray>self.mean)
+        self.invstd_p = inv
+        self.weight_p = w
         self.scale_p = sc
         self.bias_p = <const double*>cnp.PyArray_DATA(<cnp.ndarray>self.bias)
+
+    def scale_shift(self, dtype):
+        """The computation as ``x * scale + shift``, in ``dtype``:
+        scale = weight / sqrt(running_var + eps), shift = bias - mean * scale."""
+        shift = self.bias - self.mean * self.scale
+        return self.scale.astype(dtype), shift.astype(dtype)
 
 
 def inference_params(weight, bias, running_mean, running_var, double eps):
@@ -72,14 +82,10 @@ def inference_params(weight, bias, running_mean, running_var, double eps):
     if running_var is None:
         raise TypeError("running_var is required with running_mean")
     mean, var, w, b = [numpy.empty(C) for _ in range(4)]
-    if not (read_channels(running_mean, C, 0.0, <double*>cnp.PyArray_DATA(mean))
-            and read_channels(running_var, C, 0.0, <double*>cnp.PyArray_DATA(var))
-            and read_channels(weight, C, 1.0, <double*>cnp.PyArray_DATA(w))
-            and read_channels(bias, C, 0.0, <double*>cnp.PyArray_DATA(b))):
-        raise TypeError(
-            f"weight, bias, running_mean and running_var must be contiguous ({C},) "
-            "float32/float64 arrays (weight and bias may be None)"
-        )
+    read_channels(running_mean, C, <double*>cnp.PyArray_DATA(mean), "running_mean")
+    read_channels(running_var, C, <double*>cnp.PyArray_DATA(var), "running_var")
+    read_channels(weight, C, <double*>cnp.PyArray_DATA(w), "weight", 1.0, True)
+    read_channels(bias, C, <double*>cnp.PyArray_DATA(b), "bias", 0.0, True)
     inv = <double*>cnp.PyArray_DATA(var)
     for c in range(C):  # in place: var becomes invstd
         inv[c] = 1.0 / sqrt(inv[c] + eps)
@@ -156,62 +162,3 @@ cdef class EvalCache:
     def clear(self):
         """Forget the cached parameters (the next lookup rebuilds them)."""
         self.params = None
-
-
-cdef int normalize_kernels(const void* xp, void* yp, Block b, ChannelParams p,
-                           bint relu, int threads) noexcept nogil:
-    """normalize_impl with ``p``'s parameters for the block's dtype."""
-    cdef Py_ssize_t n = b.outer * b.C * b.inner
-    if b.typenum == cnp.NPY_FLOAT:
-        return normalize_impl(<const float*>xp, b.outer, b.C, b.inner, p.mean_p,
-                              p.scale_p, p.bias_p, <float*>yp, relu,
-                              streams(n * sizeof(float)), threads)
-    return normalize_impl(<const double*>xp, b.outer, b.C, b.inner, p.mean_p,
-                          p.scale_p, p.bias_p, <double*>yp, relu,
-                          streams(n * sizeof(double)), threads)
-
-
-def fast_normalize(x, axis, int min_ndim, int max_ndim, ChannelParams params not None,
-                   bint relu, out):
-    """An inference call with ready parameters, for the plain case (``out``
-    absent, ``x`` itself or disjoint from it); None for anything else."""
-    cdef Block b
-    cdef int status
-    cdef Py_ssize_t n
-    cdef const void* xp
-    cdef void* yp
-    if not plain_input(x, axis, min_ndim, max_ndim, &b) or b.C != params.num_channels:
-        return None
-    n = b.outer * b.C * b.inner
-    if n == 0:
-        return None
-    y = plain_output(out, x, None, ())
-    if y is None:
-        return None
-    xp = cnp.PyArray_DATA(<cnp.ndarray>x)
-    yp = cnp.PyArray_DATA(<cnp.ndarray>y)
-    with nogil:
-        status = normalize_kernels(xp, yp, b, params, relu, threads_for_c(n))
-    check_scratch(status)
-    return y
-
-
-def normalize(const floating[:, :, ::1] x,
-              ChannelParams params not None,
-              bint relu,
-              floating[:, :, ::1] out,     # OUT, may be x itself
-              int num_threads):
-    """normalize_impl with ``params`` for a non-empty (outer, C, inner) view."""
-    cdef int status
-    if x.shape[1] != params.num_channels or out.shape[0] != x.shape[0] or (
-            out.shape[1] != x.shape[1] or out.shape[2] != x.shape[2]):
-        raise ValueError(
-            f"normalize: views of shapes {(x.shape[0], x.shape[1], x.shape[2])} and "
-            f"{(out.shape[0], out.shape[1], out.shape[2])} for {params.num_channels} "
-            "channels")
-    cdef bint stream = streams(x.shape[0] * x.shape[1] * x.shape[2] * sizeof(floating))
-    with nogil:
-        status = normalize_impl(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2],
-                                params.mean_p, params.scale_p, params.bias_p,
-                                &out[0, 0, 0], relu, stream, num_threads)
-    check_scratch(status)

@@ -1,12 +1,11 @@
-"""cbn's compiled kernels, built for the baseline instruction set.
-
-The code is in _kernels_impl.pxi, _entry.pxi and _inference.pxi; cbn._dispatch picks the best build this CPU runs.
-"""
+"""cbn's inner kernels built for the baseline instruction set (see
+_kernels_impl.pxi and _kernel_export.pxi), and the CPU check that lets
+cbn._dispatch pick the widest build this CPU runs."""
 SIMD_TARGET = "baseline"
+cdef const char* SIMD_TARGET_C = "baseline"
 
 include "_kernels_impl.pxi"
-include "_entry.pxi"
-include "_inference.pxi"
+include "_kernel_export.pxi"
 
 
 cdef extern from *:

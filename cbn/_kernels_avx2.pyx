@@ -1,9 +1,6 @@
-"""cbn's compiled kernels, built for the avx2 instruction set.
-
-The code is in _kernels_impl.pxi, _entry.pxi and _inference.pxi; cbn._dispatch picks the best build this CPU runs.
-"""
+"""cbn's inner kernels built for AVX2 (see _kernels_impl.pxi and _kernel_export.pxi)."""
 SIMD_TARGET = "avx2"
+cdef const char* SIMD_TARGET_C = "avx2"
 
 include "_kernels_impl.pxi"
-include "_entry.pxi"
-include "_inference.pxi"
+include "_kernel_export.pxi"

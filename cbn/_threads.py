@@ -1,7 +1,9 @@
 """Thread count used by the compiled kernels."""
+from __future__ import annotations
+
 import os
 
-from . import _checks
+from ._convert import integer
 from ._dispatch import kernels
 
 # The setting lives in the compiled module, where the fast entry points read it.
@@ -14,7 +16,7 @@ PARALLEL_MIN_ELEMENTS = kernels.PARALLEL_MIN_ELEMENTS
 MAX_THREADS = kernels.MAX_THREADS
 
 
-def set_num_threads(n):
+def set_num_threads(n: int | None) -> None:
     """Set the number of threads the kernels use; ``None`` restores the default.
 
     Results do not depend on this number: the kernels split their work by
@@ -23,7 +25,7 @@ def set_num_threads(n):
     if n is None:
         kernels.set_thread_count(0)  # OpenMP's default (OMP_NUM_THREADS)
         return
-    n = _checks.integer(n, "set_num_threads(n)")
+    n = integer(n, "set_num_threads(n)")
     if not 1 <= n <= MAX_THREADS:
         raise ValueError(
             f"set_num_threads expects a thread count from 1 to {MAX_THREADS}, got {n}"
@@ -31,12 +33,10 @@ def set_num_threads(n):
     kernels.set_thread_count(n)
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     """Number of threads the kernels use (OpenMP's default unless set)."""
     return kernels.thread_count()
 
-
-threads_for = kernels.threads_for
 
 
 def _serial_after_fork():

@@ -8,9 +8,21 @@ those of ``torch.nn.utils.fusion`` (``fuse_linear_bn_weights`` and
 to grouped transposed convolutions; this module works on NumPy arrays and never
 imports torch.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
 import numpy as np
 
-from . import _checks
+from . import _convert
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, NDArray
+
+    class _Foldable(Protocol):
+        """What the folds need of a layer: cbn's ``fold() -> (scale, shift)``."""
+
+        def fold(self) -> tuple[ArrayLike, ArrayLike]: ...
 
 __all__ = ["fold_into_linear", "fold_into_conv"]
 
@@ -26,7 +38,9 @@ _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64
 _POSITIONS = ("after", "before")
 
 
-def fold_into_linear(weight, bias, layer, *, position="after"):
+def fold_into_linear(weight: ArrayLike, bias: ArrayLike | None, layer: _Foldable, *,
+                     position: Literal["after", "before"] = "after"
+                     ) -> tuple[NDArray[np.floating[Any]], NDArray[np.floating[Any]]]:
     """Fold an eval-mode batch norm into a dense layer ``y = x @ weight.T + bias``.
 
     Parameters
@@ -90,7 +104,9 @@ def fold_into_linear(weight, bias, layer, *, position="after"):
     return new_w.astype(dtype), new_b.astype(dtype)
 
 
-def fold_into_conv(weight, bias, layer, *, transposed=False, groups=1):
+def fold_into_conv(weight: ArrayLike, bias: ArrayLike | None, layer: _Foldable, *,
+                   transposed: bool = False, groups: int = 1
+                   ) -> tuple[NDArray[np.floating[Any]], NDArray[np.floating[Any]]]:
     """Fold an eval-mode batch norm that follows a convolution into it.
 
     Parameters
@@ -127,7 +143,7 @@ def fold_into_conv(weight, bias, layer, *, transposed=False, groups=1):
     fold = _fold_method(layer)
     if not isinstance(transposed, (bool, np.bool_)):
         raise TypeError(f"transposed must be a bool, got {type(transposed).__name__}")
-    groups = _checks.integer(groups, "groups", "a positive integer")
+    groups = _convert.integer(groups, "groups", "a positive integer")
     if groups < 1:
         raise ValueError(f"groups must be a positive integer, got {groups}")
     w = _float_array(weight, "weight")
@@ -198,7 +214,7 @@ def _fold_method(layer):
 def _float_array(value, name):
     # PyTorch tensors too, without importing torch; subclasses (np.matrix)
     # dropped so that the arithmetic below is plain ndarray arithmetic.
-    array = np.asarray(_checks.to_numpy(value))
+    array = np.asarray(_convert.to_numpy(value))
     if array.dtype.newbyteorder("=") not in _FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a float16, float32 or float64 array, got dtype "
@@ -240,7 +256,7 @@ def _scale_shift(fold, layer):
             f"{type(layer).__name__}.fold() must return (scale, shift), got "
             f"{type(result).__name__}"
         ) from None
-    scale, shift = _checks.to_numpy(scale), _checks.to_numpy(shift)
+    scale, shift = _convert.to_numpy(scale), _convert.to_numpy(shift)
     for name, array in (("scale", scale), ("shift", shift)):
         if array.dtype.kind != "f":
             raise TypeError(

@@ -1,18 +1,26 @@
 """FrozenBatchNorm: a batch norm reduced to inference, with its per-channel
 parameters computed once (the role of torchvision's FrozenBatchNorm2d)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
 import numpy as np
 
 from . import _checks, _state
-from . import functional as F
+from ._base import ChannelLayer
 from ._dispatch import kernels
-from ._layout import Output, as_array, channel_view, checked_array
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, DTypeLike, NDArray
+    from typing_extensions import Self
+
+    from .layer import BatchNorm
 
 __all__ = ["FrozenBatchNorm"]
 
-_ANY_RANK = range(2, 65)
 
-
-class FrozenBatchNorm:
+class FrozenBatchNorm(ChannelLayer):
     """Inference-only batch normalization with fixed statistics.
 
     ``y = x * scale + shift`` per channel, with
@@ -29,27 +37,29 @@ class FrozenBatchNorm:
     a whole model's with ``prefix``): ``FrozenBatchNorm(state_dict)``, the same
     as ``FrozenBatchNorm.from_state_dict(state_dict)``. The state dict needs
     ``running_mean`` and ``running_var``; ``weight`` and ``bias`` are optional
-    (1 and 0). The dtype (unless given) is float64 when the arrays are, else
-    float32.
+    (1 and 0); ``bias=False`` (PyTorch 2.13's weight without a bias) refuses
+    a ``bias`` entry. The dtype (unless given) is float64 when all the arrays
+    are, else float32.
     """
 
-    # Input ranks accepted (None: any rank >= 2); freeze() keeps its layer's.
-    _ranks = None
-    _ranks_text = "at least 2D"
-
-    def __init__(self, state_dict, *, prefix="", eps=1e-5, axis=1, activation=None,
-                 dtype=None):
+    def __init__(self, state_dict: Mapping[str, ArrayLike], *, prefix: str = "",
+                 eps: float = 1e-5, axis: int = 1,
+                 activation: Literal["relu"] | None = None, dtype: DTypeLike | None = None,
+                 bias: bool = True) -> None:
         owner = type(self).__name__
         found = _state.entries(state_dict, prefix, owner)
-        num_features, _, tracking, found_dtype = _state.layout(found, owner)
+        num_features, _, has_bias, tracking, found_dtype = _state.layout(found, owner)
         if not tracking:
             raise ValueError(
                 f"{owner} needs running_mean and running_var (the state dict has "
                 f"{sorted(found)})"
             )
-        self._num_features = num_features
-        self._eps = _checks.eps(eps)
-        self._axis = _checks.integer(axis, "axis")
+        if has_bias and not bias:
+            raise ValueError(f"{owner}(bias=False) takes no 'bias' entry (the state dict "
+                             f"has {sorted(found)})")
+        self._bias_enabled = bool(bias)
+        self._eps = kernels.check_eps(eps)
+        self._set_channels(num_features, axis)
         self._relu = _checks.activation(activation)
         self._dtype = found_dtype if dtype is None else _checks.layer_dtype(dtype)
         self._state = {}
@@ -57,130 +67,138 @@ class FrozenBatchNorm:
             if key == "num_batches_tracked":
                 self._state[key] = np.array(_state.batch_count(value), dtype=np.int64)
             else:
-                self._state[key] = _checks.channel_vector(value, num_features, key,
+                self._state[key] = kernels.channel_vector(value, num_features, key,
                                                           dtype=self._dtype)
             self._state[key].flags.writeable = False
         self._build()
 
-    def _build(self):
+    def _build(self) -> None:
         state = self._state
         self._params = kernels.inference_params(state.get("weight"), state.get("bias"),
                                                 state["running_mean"],
                                                 state["running_var"], self._eps)
-        self._scale, self._shift = F._scale_shift(self._params, self._dtype)
+        self._scale, self._shift = self._params.scale_shift(self._dtype)
         self._scale.flags.writeable = False
         self._shift.flags.writeable = False
         # backward is dy * scale: an inference call on dy with mean 0 and bias 0
-        zeros, ones = np.zeros(self._num_features), np.ones(self._num_features)
+        zeros, ones = np.zeros(self.num_features), np.ones(self.num_features)
         self._grad_params = kernels.ChannelParams(zeros, ones, self._params.scale, zeros)
-        self._saved_output = None
+        # dy may have any rank >= 2 with the right channel count
+        self._accepts_dy = kernels.Accepts(2, 64, None, self.num_features,
+                                           type(self).__name__)
+        self._saved_output: NDArray[Any] | None = None
 
     @classmethod
-    def from_state_dict(cls, state_dict, *, prefix="", eps=1e-5, axis=1,
-                        activation=None, dtype=None):
+    def of_layer(cls, layer: BatchNorm) -> Self:
+        """The frozen form of a :class:`cbn.BatchNorm` (what its ``freeze()``
+        returns): its current state, eps, axis, activation, dtype, bias
+        setting and accepted ranks."""
+        frozen = cls.__new__(cls)
+        frozen._ranks, frozen._ranks_text = layer._ranks, layer._ranks_text
+        frozen.__init__(layer.state_dict(), eps=layer.eps, axis=layer.axis,
+                        activation=layer.activation, dtype=layer.dtype,
+                        bias=layer._bias_enabled)
+        return frozen
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, ArrayLike], *, prefix: str = "",
+                        eps: float = 1e-5, axis: int = 1,
+                        activation: Literal["relu"] | None = None,
+                        dtype: DTypeLike | None = None, bias: bool = True) -> Self:
         """The same as ``FrozenBatchNorm(state_dict, ...)``, named like
         :meth:`cbn.BatchNorm.from_state_dict`."""
         return cls(state_dict, prefix=prefix, eps=eps, axis=axis, activation=activation,
-                   dtype=dtype)
+                   dtype=dtype, bias=bias)
 
     # -- read-only attributes
 
-    num_features = property(lambda self: self._num_features)
-    eps = property(lambda self: self._eps)
-    axis = property(lambda self: self._axis)
-    dtype = property(lambda self: self._dtype)
-    activation = property(lambda self: "relu" if self._relu else None)
-    scale = property(lambda self: self._scale,
-                     doc="weight / sqrt(running_var + eps), read-only, in dtype")
-    shift = property(lambda self: self._shift,
-                     doc="bias - running_mean * scale, read-only, in dtype")
-    training = property(lambda self: False, doc="always False: frozen layers only infer")
+    @property
+    def eps(self) -> float:
+        return self._eps
+
+    @property
+    def dtype(self) -> np.dtype[np.floating[Any]]:
+        return self._dtype
+
+    @property
+    def activation(self) -> Literal["relu"] | None:
+        return "relu" if self._relu else None
+
+    @property
+    def scale(self) -> NDArray[np.floating[Any]]:
+        """weight / sqrt(running_var + eps), read-only, in dtype"""
+        return self._scale
+
+    @property
+    def shift(self) -> NDArray[np.floating[Any]]:
+        """bias - running_mean * scale, read-only, in dtype"""
+        return self._shift
+
+    @property
+    def training(self) -> Literal[False]:
+        """always False: frozen layers only infer"""
+        return False
 
     # -- calls
 
-    def forward(self, x, out=None):
+    def forward(self, x: ArrayLike, out: NDArray[Any] | None = None) -> NDArray[Any]:
         """``x * scale + shift`` along the channel axis (then ReLU with
         activation="relu"). ``out``: a C-contiguous array of x's shape and
         dtype to write instead of allocating; ``x`` itself works in place."""
-        ranks = self._ranks or _ANY_RANK
-        y = kernels.fast_normalize(x, self._axis, ranks.start, ranks.stop - 1,
-                                   self._params, self._relu, out)
-        if y is None:
-            view = self._view(x)
-            y = F._normalize(view, self._params, self._relu, Output(view, out))
+        y = kernels.normalize(x, self.axis, self._accepts, self._params, self._relu,
+                              out).output
         if self._relu:
             self._saved_output = y
         return y
 
     __call__ = forward
 
-    def backward(self, dy, out=None):
+    def backward(self, dy: ArrayLike, out: NDArray[Any] | None = None) -> NDArray[Any]:
         """Gradient of the output -> gradient of the input: ``dy * scale``,
         and 0 where the fused ReLU clipped the last forward's output (written
         into ``out`` when given; ``dy`` itself works in place)."""
-        if self._relu:
-            if self._saved_output is None:
-                raise ValueError(
-                    f"{type(self).__name__}.backward with activation='relu' needs "
-                    "the output of a forward first"
-                )
-            dy = F._relu_grad(dy, self._saved_output, out)
-        dx = kernels.fast_normalize(dy, self._axis, 2, 64, self._grad_params, False,
-                                    out)
-        if dx is None:
-            array, axis = checked_array(dy, self._axis, name="dy")
-            self._check_channels(array.shape, array.shape[axis], "dy")
-            view = channel_view(array, axis, name="dy")
-            dx = F._normalize(view, self._grad_params, False, Output(view, out))
-        return dx
-
-    def _view(self, x):
-        array = as_array(x)
-        if self._ranks is not None and array.ndim not in self._ranks:
-            raise ValueError(f"expected {self._ranks_text} input (got {array.ndim}D input)")
-        array, axis = checked_array(array, self._axis)
-        self._check_channels(array.shape, array.shape[axis], "input")  # before any copy
-        return channel_view(array, axis)
-
-    def _check_channels(self, shape, channels, name):
-        if channels != self._num_features:
+        if self._relu and self._saved_output is None:
             raise ValueError(
-                f"{type(self).__name__}({self._num_features}) expects "
-                f"{self._num_features} channels on axis {self._axis}, got {name} of "
-                f"shape {shape} with {channels}"
+                f"{type(self).__name__}.backward with activation='relu' needs "
+                "the output of a forward first"
             )
+        return kernels.normalize(dy, self.axis, self._accepts_dy, self._grad_params, False,
+                                 out, "dy", self._saved_output if self._relu else None).output
 
     # -- state
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, NDArray[Any]]:
         """Copies of the arrays it was built from, with the keys of the layer
         it came from."""
         return {key: value.copy() for key, value in self._state.items()}
 
-    def fold(self):
+    def fold(self) -> tuple[NDArray[np.floating[Any]], NDArray[np.floating[Any]]]:
         """``(scale, shift)``, copies in dtype, as :meth:`cbn.BatchNorm.fold`
         (the affine part: a fused ReLU is not included)."""
         return self._scale.copy(), self._shift.copy()
 
-    def __getstate__(self):
-        return {"state": self._state, "eps": self._eps, "axis": self._axis,
-                "relu": self._relu, "dtype": self._dtype,
+    def __getstate__(self) -> dict[str, Any]:
+        return {"state": self._state, "eps": self._eps, "axis": self.axis,
+                "relu": self._relu, "dtype": self._dtype, "bias": self._bias_enabled,
                 "ranks": (self._ranks, self._ranks_text)}
 
-    def __setstate__(self, saved):
+    def __setstate__(self, saved: dict[str, Any]) -> None:
         self._state = saved["state"]
-        self._num_features = len(self._state["running_mean"])
-        self._eps, self._axis, self._relu = saved["eps"], saved["axis"], saved["relu"]
+        self._eps, self._relu = saved["eps"], saved["relu"]
         self._dtype = saved["dtype"]
+        self._bias_enabled = saved.get("bias", True)  # pickled before bias= existed
         self._ranks, self._ranks_text = saved["ranks"]
+        self._set_channels(len(self._state["running_mean"]), saved["axis"])
         for value in self._state.values():
             value.flags.writeable = False
         self._build()
 
-    def __repr__(self):
-        text = f"{type(self).__name__}({self._num_features}, eps={self._eps}"
-        if self._axis != 1:
-            text += f", axis={self._axis}"
+    def __repr__(self) -> str:
+        text = self._repr_head()
+        if not self._bias_enabled:
+            text += ", bias=False"
+        if self.axis != 1:
+            text += f", axis={self.axis}"
         if self._dtype != np.float32:
             text += f", dtype={self._dtype}"
         if self._relu:

@@ -5,24 +5,32 @@ Each function has the name and signature of its compiled counterpart in
 blocking or threads. They are the oracle of the test suite and the NumPy
 baseline of the benchmark. Results are float64 whatever the input dtype.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, NDArray
 
 __all__ = ["batch_stats", "batch_norm", "batch_norm_forward", "batch_norm_backward"]
 
 
-def _reduce_axes(ndim, axis):
+def _reduce_axes(ndim: int, axis: int) -> tuple[int, tuple[int, ...]]:
     axis = axis % ndim
     return axis, tuple(i for i in range(ndim) if i != axis)
 
 
-def _per_channel(vector, ndim, axis):
+def _per_channel(vector: ArrayLike, ndim: int, axis: int) -> NDArray[np.float64]:
     """Reshape a (C,) vector to broadcast along ``axis`` of an ndim array."""
     shape = [1] * ndim
     shape[axis] = -1
     return np.asarray(vector, dtype=np.float64).reshape(shape)
 
 
-def batch_stats(x, *, axis=1):
+def batch_stats(x: ArrayLike, *, axis: int = 1
+                ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Per-channel mean and biased variance, two-pass in float64."""
     x = np.asarray(x, dtype=np.float64)
     _, axes = _reduce_axes(x.ndim, axis)
@@ -31,7 +39,11 @@ def batch_stats(x, *, axis=1):
     return mean.reshape(-1), var
 
 
-def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None):
+def batch_norm_forward(x: ArrayLike, weight: ArrayLike | None = None,
+                       bias: ArrayLike | None = None, eps: float = 1e-5, *, axis: int = 1,
+                       out: NDArray[Any] | None = None
+                       ) -> tuple[NDArray[np.float64], NDArray[np.float64],
+                                  NDArray[np.float64]]:
     """Training-mode forward: (y, mean, invstd), all float64."""
     x = np.asarray(x, dtype=np.float64)
     axis, _ = _reduce_axes(x.ndim, axis)
@@ -45,8 +57,11 @@ def batch_norm_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None)
     return y, mean, invstd
 
 
-def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, axis=1, out=None):
+def batch_norm(x: ArrayLike, running_mean: NDArray[Any] | None,
+               running_var: NDArray[Any] | None, weight: ArrayLike | None = None,
+               bias: ArrayLike | None = None, training: bool = False, momentum: float = 0.1,
+               eps: float = 1e-5, *, axis: int = 1,
+               out: NDArray[Any] | None = None) -> NDArray[np.float64]:
     """PyTorch's batch_norm in float64; updates the running stats in place."""
     x = np.asarray(x, dtype=np.float64)
     axis, _ = _reduce_axes(x.ndim, axis)
@@ -68,8 +83,12 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     return y
 
 
-def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, axis=1,
-                        training=True, out=None):
+def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
+                        save_invstd: ArrayLike, weight: ArrayLike | None = None, *,
+                        axis: int = 1, training: bool = True,
+                        out: NDArray[Any] | None = None
+                        ) -> tuple[NDArray[np.float64], NDArray[np.float64],
+                                   NDArray[np.float64]]:
     """(dx, grad_weight, grad_bias) in float64, from the textbook formulas."""
     x = np.asarray(x, dtype=np.float64)
     dy = np.asarray(dy, dtype=np.float64)

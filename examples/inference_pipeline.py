@@ -178,7 +178,7 @@ def time_streams(runs, batch_size, batches, rng, rounds=7):
     stream = [(rng.standard_normal((batch_size, SIZES[0])) * 2 + 1).astype(np.float32)
               for _ in range(batches)]
     times = {name: [] for name in runs}
-    for name, run in runs.items():
+    for run in runs.values():
         run(stream[0])  # warm-up: buffers, caches
     for _ in range(rounds):
         for name, run in runs.items():

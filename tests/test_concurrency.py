@@ -269,7 +269,7 @@ def test_threads_rebuild_the_eval_cache_of_a_shared_layer_together(restore_threa
     inputs = [rng.standard_normal(shape).astype(np.float32)
               for shape in [(3, SHARED_C), (64, SHARED_C, 40), (2, SHARED_C, 5, 5)]]
     edits = []
-    for r in range(EDIT_ROUNDS):
+    for _ in range(EDIT_ROUNDS):
         edits.append({"weight": rng.uniform(0.5, 2, SHARED_C).astype(np.float32),
                       "bias": rng.standard_normal(SHARED_C).astype(np.float32),
                       "running_mean": rng.standard_normal(SHARED_C).astype(np.float32),

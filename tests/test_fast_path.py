@@ -1,21 +1,20 @@
-"""The compiled fast path and the Python path compute the same bits.
+"""Plain and converted inputs compute the same bits.
 
-Plain calls (C-contiguous float32/float64 NumPy arrays, Python numbers) are
-handled by the fast entry points of cbn/_entry.pxi; anything else falls back
-to the Python path. An ndarray subclass is not plain, so passing the same data
-as a subclass runs the Python path on identical numbers.
+The executor (cbn/_core.pyx) reads plain inputs (C-contiguous float32/float64
+NumPy arrays, Python numbers) as they are and hands anything else to
+cbn._convert first. An ndarray subclass is not plain, so passing the same
+data as a subclass runs the conversion on identical numbers.
 """
 import numpy as np
 import pytest
 
 import cbn
-from cbn._dispatch import kernels
 
 from corpus import DTYPES, LAYOUTS, make_input
 
 
 class NotPlain(np.ndarray):
-    """Same data, but not an exact ndarray: the fast entry points decline it."""
+    """Same data, but not an exact ndarray: the executor converts it."""
 
 
 def general(array):
@@ -94,32 +93,6 @@ def test_layer_same_bits(rng, shape, axis, dtype, momentum):
                                   layer.running_mean, layer.running_var)
             results[path].append(layer.num_batches_tracked)
     assert results["fast"] == results["general"]
-
-
-def test_the_fast_entry_points_take_plain_calls_and_decline_the_rest(rng):
-    x = rng.standard_normal((8, 4)).astype(np.float32)
-    mean, var = np.zeros(4, np.float32), np.ones(4, np.float32)
-    assert kernels.fast_batch_norm(x, mean, var, None, None, False, 0.1, 1e-5,
-                                   1, None, False) is not None
-    declined = [
-        (general(x), mean, var, None, None, False, 0.1, 1e-5, 1, None, False),
-        (x.astype(">f4"), mean, var, None, None, False, 0.1, 1e-5, 1, None, False),
-        (np.asfortranarray(np.ones((8, 4), np.float32)), mean, var, None, None,
-         False, 0.1, 1e-5, 1, None, False),
-        (x, mean, var, None, None, np.True_, 0.1, 1e-5, 1, None, False),
-        (x, mean, var, None, None, False, 0.1, np.float64(1e-5), 1, None, False),
-        (x, mean, var, None, None, False, 0.1, -1.0, 1, None, False),
-        (x, mean, var, None, None, False, 0.1, 1e-5, 2, None, False),
-        (x, mean, var, None, None, False, 0.1, 1e-5, 2**70, None, False),
-        (x, mean, var, None, None, False, 0.1, 10**400, 1, None, False),
-        (x, mean, var, None, None, False, -2**70, 1e-5, 1, None, False),
-        (x, mean[:3], var, None, None, False, 0.1, 1e-5, 1, None, False),
-        (x, mean, var, None, None, False, 0.1, 1e-5, 1, x[:, :2], False),
-        (x, None, None, None, None, False, 0.1, 1e-5, 1, None, False),
-        (x, mean, var, None, None, True, None, 1e-5, 1, None, False),
-    ]
-    for args in declined:
-        assert kernels.fast_batch_norm(*args) is None
 
 
 def test_fast_in_place_call_and_preallocated_output(rng):

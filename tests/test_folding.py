@@ -14,13 +14,11 @@ import pytest
 
 import cbn
 from cbn.folding import fold_into_conv, fold_into_linear
-from corpus import FakeTensor
+
+from corpus import FakeTensor, assert_close, eval_oracle, expected_scale_shift
 
 DTYPES = [pytest.param(np.float32, id="f32"), pytest.param(np.float64, id="f64")]
 
-# Folding rounds the new weight and bias once to the dtype; the layer rounds
-# its own steps. Relative to the output's magnitude both stay far inside these.
-TOLERANCE = {np.dtype(np.float32): 3e-5, np.dtype(np.float64): 1e-12}
 
 
 def make_layer(num_features, rng, dtype=np.float64, affine=True, axis=1,
@@ -34,13 +32,6 @@ def make_layer(num_features, rng, dtype=np.float64, affine=True, axis=1,
     layer.running_mean[...] = rng.normal(0, 2, num_features)
     layer.running_var[...] = rng.uniform(0.05, 3.0, num_features)
     return layer.eval()
-
-
-def assert_close(actual, expected, dtype):
-    """Equal up to the dtype's tolerance, relative to the largest value."""
-    tol = TOLERANCE[np.dtype(dtype)]
-    magnitude = max(1.0, float(np.max(np.abs(expected))))
-    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * magnitude)
 
 
 def channel_shape(ndim, axis):
@@ -97,7 +88,8 @@ def conv_transpose_nd(x, weight, bias=None, padding=0, groups=1):
             tap = wg[(slice(None), slice(None)) + offset]
             full[(slice(None), slice(g * c_out_g, (g + 1) * c_out_g)) + _window(offset, size)] += \
                 np.einsum("nc...,co->no...", xg, tap)
-    y = full[(slice(None), slice(None)) + tuple(slice(padding, s - padding) for s in full.shape[2:])]
+    y = full[(slice(None), slice(None))
+             + tuple(slice(padding, s - padding) for s in full.shape[2:])]
     if bias is not None:
         y = y + np.asarray(bias, np.float64).reshape([1, -1] + [1] * d)
     return y
@@ -163,7 +155,7 @@ def test_fold_reproduces_eval(dtype, shape, axis, affine):
     assert scale.dtype == shift.dtype == np.dtype(dtype)
     bshape = channel_shape(len(shape), axis)
     folded = x.astype(np.float64) * scale.reshape(bshape) + shift.reshape(bshape)
-    assert_close(folded, layer(x), dtype)
+    assert_close(folded, layer(x), dtype=dtype)
 
 
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
@@ -189,6 +181,22 @@ def test_fold_needs_running_stats():
     layer = cbn.BatchNorm2d(3, track_running_stats=False).eval()
     with pytest.raises(ValueError, match="track_running_stats=False"):
         layer.fold()
+
+
+def test_fold_follows_later_edits_and_returns_copies(rng):
+    layer = make_layer(3, rng, dtype=np.float64).eval()
+    layer.fold()
+    layer.running_var[1] = 9.0
+    layer.weight[2] = -4.0
+    scale, shift = layer.fold()
+    expected = expected_scale_shift(layer.weight, layer.bias, layer.running_mean,
+                                    layer.running_var, layer.eps)
+    assert_close(scale, expected[0], dtype=np.float64)
+    assert_close(shift, expected[1], dtype=np.float64)
+    scale[...] = 0
+    shift[...] = 0
+    assert_close(layer.fold()[0], expected[0], dtype=np.float64)
+    assert_close(layer(np.ones((2, 3))), eval_oracle(layer, np.ones((2, 3))), dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------
@@ -223,7 +231,7 @@ def test_linear_matches_pipeline(dtype, position, with_bias, affine):
     new_w, new_b = fold_into_linear(weight, bias, layer, position=position)
     assert new_w.shape == weight.shape and new_b.shape == (weight.shape[0],)
     assert new_w.dtype == new_b.dtype == np.dtype(dtype)
-    assert_close(dense(x, new_w, new_b), expected, dtype)
+    assert_close(dense(x, new_w, new_b), expected, dtype=dtype)
 
 
 def test_linear_default_position_is_after():
@@ -325,7 +333,7 @@ def test_frozen_batch_norm():
     weight, bias, layer, x = linear_case(rng, np.float64, "after", True, True)
     frozen = frozen_cls(layer.state_dict(), eps=layer.eps)
     expected = frozen(dense(x, weight, bias))
-    assert_close(dense(x, *fold_into_linear(weight, bias, frozen)), expected, np.float64)
+    assert_close(dense(x, *fold_into_linear(weight, bias, frozen)), expected, dtype=np.float64)
     relu = frozen_cls(layer.state_dict(), eps=layer.eps, activation="relu")
     with pytest.raises(ValueError, match="activation='relu'"):
         fold_into_linear(weight, bias, relu)
@@ -398,7 +406,7 @@ def test_conv_matches_pipeline(dtype, spatial, kernel, c_in, c_out, groups,
     new_w, new_b = fold_into_conv(weight, bias, layer, groups=groups)
     assert new_w.shape == weight.shape and new_b.shape == (c_out,)
     assert new_w.dtype == new_b.dtype == np.dtype(dtype)
-    assert_close(conv_nd(x, new_w, new_b, padding, groups), expected, dtype)
+    assert_close(conv_nd(x, new_w, new_b, padding, groups), expected, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -414,7 +422,7 @@ def test_conv_transpose_matches_pipeline(dtype, spatial, kernel, c_in, c_out,
     expected = layer(conv_transpose_nd(x, weight, bias, padding, groups).astype(dtype))
     new_w, new_b = fold_into_conv(weight, bias, layer, transposed=True, groups=groups)
     assert new_w.shape == weight.shape and new_b.shape == (c_out,)
-    assert_close(conv_transpose_nd(x, new_w, new_b, padding, groups), expected, dtype)
+    assert_close(conv_transpose_nd(x, new_w, new_b, padding, groups), expected, dtype=dtype)
 
 
 def test_conv_transpose_groups_matter():
@@ -459,7 +467,8 @@ def test_conv_errors():
         fold_into_conv(w, np.zeros(3), layer)
     with pytest.raises(ValueError, match=_msg("(5, 2, 3)", "num_features=4")):
         fold_into_conv(rng.normal(size=(5, 2, 3)), None, layer)
-    with pytest.raises(ValueError, match=_msg("(3, 2, 3)", "groups=3", "6 output", "num_features=4")):
+    with pytest.raises(ValueError,
+                       match=_msg("(3, 2, 3)", "groups=3", "6 output", "num_features=4")):
         fold_into_conv(rng.normal(size=(3, 2, 3)), None, layer, transposed=True, groups=3)
     with pytest.raises(ValueError, match=_msg("groups=3", "(4, 2, 3)")):
         fold_into_conv(w, None, layer, groups=3)
@@ -488,7 +497,8 @@ def torch_bn_args(layer, torch, ones_for_plain=False):
     t = torch.from_numpy
     weight, bias = layer.weight, layer.bias
     if weight is None and ones_for_plain:  # fuse_linear_bn_weights needs them
-        weight, bias = np.ones(layer.num_features, layer.dtype), np.zeros(layer.num_features, layer.dtype)
+        weight = np.ones(layer.num_features, layer.dtype)
+        bias = np.zeros(layer.num_features, layer.dtype)
     return (t(layer.running_mean.copy()), t(layer.running_var.copy()), layer.eps,
             None if weight is None else t(weight.copy()),
             None if bias is None else t(bias.copy()))
@@ -507,8 +517,8 @@ def test_linear_against_torch(dtype, with_bias, affine):
         torch.from_numpy(weight), None if bias is None else torch.from_numpy(bias),
         *torch_bn_args(layer, torch, ones_for_plain=True))
     got_w, got_b = fold_into_linear(weight, bias, layer)
-    assert_close(got_w, want_w.detach().numpy(), dtype)
-    assert_close(got_b, want_b.detach().numpy(), dtype)
+    assert_close(got_w, want_w.detach().numpy(), dtype=dtype)
+    assert_close(got_b, want_b.detach().numpy(), dtype=dtype)
 
 
 @pytest.mark.torch
@@ -528,8 +538,8 @@ def test_conv_against_torch(dtype, kernel, transposed, affine):
             torch.from_numpy(weight), None if b is None else torch.from_numpy(b),
             *torch_bn_args(layer, torch), transpose=transposed)
         got_w, got_b = fold_into_conv(weight, b, layer, transposed=transposed)
-        assert_close(got_w, want_w.detach().numpy(), dtype)
-        assert_close(got_b, want_b.detach().numpy(), dtype)
+        assert_close(got_w, want_w.detach().numpy(), dtype=dtype)
+        assert_close(got_b, want_b.detach().numpy(), dtype=dtype)
 
 
 @pytest.mark.torch
@@ -555,10 +565,11 @@ def test_grouped_conv_transpose_against_torch_modules(c_in, c_out, groups, dims)
     new_w, new_b = fold_into_conv(conv.weight, conv.bias, layer, transposed=True,
                                   groups=groups)
     assert isinstance(new_w, np.ndarray) and isinstance(new_b, np.ndarray)
-    fn = torch.nn.functional.conv_transpose1d if dims == 1 else torch.nn.functional.conv_transpose2d
+    F = torch.nn.functional
+    fn = F.conv_transpose1d if dims == 1 else F.conv_transpose2d
     got = fn(x, torch.from_numpy(new_w), torch.from_numpy(new_b), padding=1,
              groups=groups).numpy()
-    assert_close(got, expected, np.float64)
+    assert_close(got, expected, dtype=np.float64)
 
 
 @pytest.mark.torch

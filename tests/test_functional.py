@@ -6,12 +6,7 @@ import pytest
 import cbn
 from cbn import reference
 
-from corpus import DTYPES, LAYOUTS, make_input, tolerance
-
-
-def assert_close(actual, expected, dtype):
-    rtol, atol = tolerance(dtype)
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
+from corpus import DTYPES, LAYOUTS, assert_close, make_input
 
 
 def params(rng, num_channels):
@@ -26,8 +21,8 @@ def test_batch_stats_matches_reference(rng, shape, axis, dtype):
     ref_mean, ref_var = reference.batch_stats(x, axis=axis)
     assert mean.dtype == dtype and var.dtype == dtype
     assert mean.shape == var.shape == (shape[axis],)
-    assert_close(mean, ref_mean, dtype)
-    assert_close(var, ref_var, dtype)
+    assert_close(mean, ref_mean, kind="stats", dtype=dtype, scale=1)
+    assert_close(var, ref_var, kind="stats", dtype=dtype, scale=1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -44,9 +39,9 @@ def test_training_forward_and_running_update(rng, shape, axis, dtype):
     ref_y = reference.batch_norm(x, *ref_running, weight, bias, training=True,
                                  momentum=0.3, eps=1e-3, axis=axis)
     assert y.shape == x.shape and y.dtype == x.dtype
-    assert_close(y, ref_y, dtype)
-    assert_close(running[0], ref_running[0], dtype)
-    assert_close(running[1], ref_running[1], dtype)
+    assert_close(y, ref_y, dtype=dtype, scale=1)
+    assert_close(running[0], ref_running[0], kind="stats", dtype=dtype, scale=1)
+    assert_close(running[1], ref_running[1], kind="stats", dtype=dtype, scale=1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -60,7 +55,7 @@ def test_inference_forward(rng, shape, axis, dtype):
     y = cbn.batch_norm(x, running_mean, running_var, weight, bias, axis=axis)
     ref_y = reference.batch_norm(x, running_mean, running_var, weight, bias, axis=axis)
     assert y.dtype == x.dtype
-    assert_close(y, ref_y, dtype)
+    assert_close(y, ref_y, dtype=dtype, scale=1)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -74,9 +69,9 @@ def test_forward_backward_pair(rng, shape, axis, dtype, training):
     ref_y, ref_mean, ref_invstd = reference.batch_norm_forward(
         x, weight, bias, eps=1e-4, axis=axis)
     assert mean.dtype == invstd.dtype == np.float64
-    assert_close(y, ref_y, dtype)
-    assert_close(mean, ref_mean, dtype)
-    assert_close(invstd, ref_invstd, dtype)
+    assert_close(y, ref_y, dtype=dtype, scale=1)
+    assert_close(mean, ref_mean, kind="stats", dtype=dtype, scale=1)
+    assert_close(invstd, ref_invstd, kind="stats", dtype=dtype, scale=1)
 
     dx, grad_weight, grad_bias = cbn.batch_norm_backward(
         dy, x, mean, invstd, weight, axis=axis, training=training)
@@ -85,10 +80,9 @@ def test_forward_backward_pair(rng, shape, axis, dtype, training):
     assert dx.dtype == grad_weight.dtype == grad_bias.dtype == dtype
     # Sums over many values: scale the tolerance with the count.
     count = x.size // shape[axis]
-    rtol, atol = tolerance(dtype)
-    np.testing.assert_allclose(dx, ref[0], rtol=rtol, atol=atol)
-    np.testing.assert_allclose(grad_weight, ref[1], rtol=rtol, atol=atol * np.sqrt(count))
-    np.testing.assert_allclose(grad_bias, ref[2], rtol=rtol, atol=atol * np.sqrt(count))
+    assert_close(dx, ref[0], kind="grad", dtype=dtype, scale=1)
+    assert_close(grad_weight, ref[1], kind="grad", dtype=dtype, scale=np.sqrt(count))
+    assert_close(grad_bias, ref[2], kind="grad", dtype=dtype, scale=np.sqrt(count))
 
 
 def awkward_copies(x):
@@ -216,8 +210,8 @@ def test_nonfinite_values_stay_in_their_channel(rng):
     y, mean, invstd = cbn.batch_norm_forward(x)
     assert np.isnan(y[:, 1]).all() and np.isnan(y[:, 2]).all()
     clean = np.delete(x, [1, 2], axis=1)
-    np.testing.assert_allclose(np.delete(y, [1, 2], axis=1),
-                               reference.batch_norm_forward(clean)[0], rtol=2e-5, atol=2e-5)
+    assert_close(np.delete(y, [1, 2], axis=1), reference.batch_norm_forward(clean)[0],
+                 dtype=np.float32, scale=1)
 
 
 def test_backward_out_may_be_dy_but_not_overlap_it_partially(rng):

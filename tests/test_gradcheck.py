@@ -11,10 +11,9 @@ import pytest
 
 import cbn
 
-from corpus import SMALL_LAYOUTS, per_channel
+from corpus import SMALL_LAYOUTS, assert_close, per_channel
 
 STEP = 1e-6
-RTOL, ATOL = 1e-6, 1e-7
 
 LAYOUTS = SMALL_LAYOUTS
 
@@ -38,8 +37,7 @@ def numerical_gradient(loss, array):
 
 def assert_gradient(analytic, numeric, name):
     assert analytic is not None, name
-    scale = max(1.0, float(np.max(np.abs(numeric))))
-    np.testing.assert_allclose(analytic, numeric, rtol=RTOL, atol=ATOL * scale, err_msg=name)
+    assert_close(analytic, numeric, kind="finite-difference", dtype=np.float64, err_msg=name)
 
 
 def make_case(rng, shape, axis):

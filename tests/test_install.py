@@ -1,9 +1,12 @@
 """The suite must exercise the installed package, not a build lying in the tree."""
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cbn
-from cbn import _kernels
+from cbn import _core, _kernels
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,5 +24,23 @@ def test_cbn_is_imported_from_the_installation():
 
 
 def test_compiled_kernels_are_loaded():
-    assert Path(_kernels.__file__).suffix in (".so", ".pyd")
-    assert Path(_kernels.__file__).resolve().parent == Path(cbn.__file__).resolve().parent
+    for module in (_core, _kernels):
+        assert Path(module.__file__).suffix in (".so", ".pyd")
+        assert Path(module.__file__).resolve().parent == Path(cbn.__file__).resolve().parent
+
+
+def test_an_unbuilt_source_folder_says_it_shadows_the_installed_package(tmp_path):
+    """`import cbn` where the current directory holds cbn's sources without
+    compiled kernels (the repository root after a plain clone) explains itself."""
+    source = tmp_path / "cbn"
+    installed = Path(cbn.__file__).resolve().parent
+    shutil.copytree(installed, source,
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    (source / "_core.pyx").write_text("# a source file, as in a checkout\n")
+    result = subprocess.run([sys.executable, "-c", "import cbn"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "ImportError" in result.stderr
+    assert "shadows any installed cbn" in result.stderr
+    assert "build_ext --inplace" in result.stderr
+    assert "circular import" not in result.stderr

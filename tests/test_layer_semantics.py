@@ -17,8 +17,7 @@ import pytest
 import cbn
 from cbn import reference
 
-from corpus import (DTYPES, SMALL_LAYOUTS, layer_state, make_input,
-                    per_channel)
+from corpus import DTYPES, SMALL_LAYOUTS, assert_close, layer_state, make_input, per_channel
 
 EPS = 1e-5
 
@@ -57,20 +56,6 @@ def normalized(x, mean, var, axis, weight=None, bias=None, eps=EPS):
     return y
 
 
-def tolerance(dtype):
-    return {np.dtype(np.float16): 1e-3, np.dtype(np.float32): 2e-5,
-            np.dtype(np.float64): 1e-11}[np.dtype(dtype)]
-
-
-def assert_close(actual, expected, dtype):
-    """``actual`` (in ``dtype``) against a float64 oracle, relative to its scale."""
-    tol = tolerance(dtype)
-    expected = np.asarray(expected, dtype=np.float64)
-    scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
-    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), expected,
-                               rtol=tol, atol=tol * scale)
-
-
 def make_layer(num_features, axis=1, dtype=np.float32, rng=None, cls=cbn.BatchNorm, **kwargs):
     """A layer; with ``rng``, non-trivial weight and bias."""
     layer = cls(num_features, axis=axis, dtype=dtype, **kwargs)
@@ -99,7 +84,7 @@ def test_training_normalizes_with_biased_variance(rng, shape, axis, dtype):
     y = layer(x)
     mean, var, _ = batch_moments(x, axis)
     weight, bias = params64(layer)
-    assert_close(y, normalized(x, mean, var, axis, weight, bias), dtype)
+    assert_close(y, normalized(x, mean, var, axis, weight, bias), dtype=dtype)
 
 
 @pytest.mark.parametrize("shape, axis", LAYOUTS)
@@ -126,8 +111,8 @@ def test_running_stats_follow_the_momentum_update(rng, momentum, dtype):
         expected_mean = (1 - momentum) * expected_mean + momentum * mean
         expected_var = (1 - momentum) * expected_var + momentum * var * n / (n - 1)
         assert layer.running_mean.dtype == dtype and layer.running_var.dtype == dtype
-        assert_close(layer.running_mean, expected_mean, dtype)
-        assert_close(layer.running_var, expected_var, dtype)
+        assert_close(layer.running_mean, expected_mean, kind="stats", dtype=dtype)
+        assert_close(layer.running_var, expected_var, kind="stats", dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -141,16 +126,16 @@ def test_momentum_none_is_the_cumulative_average(rng, dtype):
         batch_means.append(mean)
         batch_vars.append(var * n / (n - 1))
         assert layer.num_batches_tracked == k
-        assert_close(layer.running_mean, np.mean(batch_means, axis=0), dtype)
-        assert_close(layer.running_var, np.mean(batch_vars, axis=0), dtype)
+        assert_close(layer.running_mean, np.mean(batch_means, axis=0), kind="stats", dtype=dtype)
+        assert_close(layer.running_var, np.mean(batch_vars, axis=0), kind="stats", dtype=dtype)
     # After a reset the average restarts: one batch gives exactly its stats.
     layer.reset_running_stats()
     x = make_input(rng, (5, 4, 3), 1, dtype, offset=-7.0)
     layer(x)
     mean, var, n = batch_moments(x, 1)
     assert layer.num_batches_tracked == 1
-    assert_close(layer.running_mean, mean, dtype)
-    assert_close(layer.running_var, var * n / (n - 1), dtype)
+    assert_close(layer.running_mean, mean, kind="stats", dtype=dtype)
+    assert_close(layer.running_var, var * n / (n - 1), kind="stats", dtype=dtype)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -164,7 +149,7 @@ def test_layer_without_tracking_uses_batch_stats_in_train_and_eval(rng, training
     y = layer(x)
     mean, var, _ = batch_moments(x, 1)
     weight, bias = params64(layer)
-    assert_close(y, normalized(x, mean, var, 1, weight, bias), np.float64)
+    assert_close(y, normalized(x, mean, var, 1, weight, bias), dtype=np.float64)
     assert layer.running_mean is None
     assert layer.running_var is None
     assert layer.num_batches_tracked is None
@@ -182,14 +167,14 @@ def test_disabling_tracking_later_freezes_buffers_but_eval_uses_them(rng):
     x = make_input(rng, (6, 3, 4), 1, np.float64, offset=-2.0)
     y_train = layer(x)
     mean, var, _ = batch_moments(x, 1)
-    assert_close(y_train, normalized(x, mean, var, 1, weight, bias), np.float64)
+    assert_close(y_train, normalized(x, mean, var, 1, weight, bias), dtype=np.float64)
     assert layer.running_mean.tobytes() == frozen_mean.tobytes()
     assert layer.running_var.tobytes() == frozen_var.tobytes()
     assert layer.num_batches_tracked == 1
 
     layer.eval()
     y_eval = layer(x)
-    assert_close(y_eval, normalized(x, frozen_mean, frozen_var, 1, weight, bias), np.float64)
+    assert_close(y_eval, normalized(x, frozen_mean, frozen_var, 1, weight, bias), dtype=np.float64)
     assert layer.running_mean.tobytes() == frozen_mean.tobytes()
     assert layer.running_var.tobytes() == frozen_var.tobytes()
 
@@ -259,7 +244,7 @@ def test_single_value_per_channel_is_fine_in_eval(rng):
     x = make_input(rng, (1, 3), 1, np.float64)
     weight, bias = params64(layer)
     expected = normalized(x, layer.running_mean, layer.running_var, 1, weight, bias)
-    assert_close(layer(x), expected, np.float64)
+    assert_close(layer(x), expected, dtype=np.float64)
 
 
 EMPTY_SHAPES = [
@@ -275,6 +260,8 @@ EMPTY_SHAPES = [
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("shape, axis", EMPTY_SHAPES)
 def test_empty_batch_returns_empty_output_and_keeps_stats(rng, shape, axis, dtype, training):
+    """An empty batch changes no statistics; in training it counts in
+    num_batches_tracked, as in PyTorch 2.13."""
     layer = make_layer(3, axis, np.float32, rng)
     full_shape = tuple(3 if d == 0 and i != axis % len(shape) else d for i, d in enumerate(shape))
     layer(make_input(rng, full_shape, axis, np.float32, offset=2.0))  # non-trivial stats
@@ -283,8 +270,21 @@ def test_empty_batch_returns_empty_output_and_keeps_stats(rng, shape, axis, dtyp
     y = layer(np.empty(shape, dtype))
     assert y.shape == shape
     assert y.dtype == dtype
-    assert layer_state(layer) == before
+    after = layer_state(layer)
+    assert after.pop("num_batches_tracked") == (2 if training else 1)
+    before.pop("num_batches_tracked")
+    assert after == before
+
+
+def test_an_empty_batch_counts_in_the_cumulative_average(rng):
+    """PyTorch 2.13: with momentum=None, an empty batch then a batch of 8
+    whose mean is 10.5 leaves running_mean at 5.25 (factor 1/2), not 10.5."""
+    layer = cbn.BatchNorm1d(1, momentum=None)
+    layer(np.empty((0, 1), np.float32))
     assert layer.num_batches_tracked == 1
+    layer(np.arange(7.0, 15.0, dtype=np.float32).reshape(8, 1))
+    assert layer.num_batches_tracked == 2
+    assert layer.running_mean[0] == np.float32(5.25)
 
 
 @pytest.mark.parametrize("shape, axis", EMPTY_SHAPES)
@@ -338,7 +338,7 @@ def test_affine_false_has_no_parameters_and_no_parameter_gradients(rng, training
     assert dx.shape == x.shape
     if training:
         mean, var, _ = batch_moments(x, 1)
-        assert_close(y, normalized(x, mean, var, 1), np.float64)
+        assert_close(y, normalized(x, mean, var, 1), dtype=np.float64)
     assert "weight" not in layer.state_dict() and "bias" not in layer.state_dict()
 
 
@@ -427,7 +427,7 @@ def test_rank_checks_accept_the_right_ranks(rng, cls, shape):
     x = make_input(rng, shape, 1, np.float64)
     y = cls(3, dtype=np.float64)(x)
     mean, var, _ = batch_moments(x, 1)
-    assert_close(y, normalized(x, mean, var, 1), np.float64)
+    assert_close(y, normalized(x, mean, var, 1), dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------
@@ -445,25 +445,24 @@ def test_channels_last_equals_transposed_channels_first(rng, shape, dtype):
     last = make_layer(num_channels, -1, dtype)
     last.weight[...] = first.weight
     last.bias[...] = first.bias
-    tol = tolerance(dtype)
     for training in (True, False):
         first.train(training)
         last.train(training)
         y_first = first(x)
         y_last = last(np.ascontiguousarray(x.transpose(to_last)))
         assert y_last.shape == tuple(shape[i] for i in to_last)
-        np.testing.assert_allclose(np.moveaxis(y_last, -1, 1), y_first, rtol=tol, atol=tol)
+        assert_close(np.moveaxis(y_last, -1, 1), y_first, dtype=dtype, scale=1)
         dx_first = first.backward(dy)
         dx_last = last.backward(np.ascontiguousarray(dy.transpose(to_last)))
-        np.testing.assert_allclose(np.moveaxis(dx_last, -1, 1), dx_first, rtol=tol, atol=tol)
-        np.testing.assert_allclose(last.grad_weight, first.grad_weight, rtol=tol, atol=tol * 10)
-        np.testing.assert_allclose(last.grad_bias, first.grad_bias, rtol=tol, atol=tol * 10)
-        np.testing.assert_allclose(last.running_mean, first.running_mean, rtol=tol, atol=tol)
-        np.testing.assert_allclose(last.running_var, first.running_var, rtol=tol, atol=tol)
+        assert_close(np.moveaxis(dx_last, -1, 1), dx_first, kind="grad", dtype=dtype, scale=1)
+        assert_close(last.grad_weight, first.grad_weight, kind="grad", dtype=dtype, scale=10)
+        assert_close(last.grad_bias, first.grad_bias, kind="grad", dtype=dtype, scale=10)
+        assert_close(last.running_mean, first.running_mean, kind="stats", dtype=dtype, scale=1)
+        assert_close(last.running_var, first.running_var, kind="stats", dtype=dtype, scale=1)
     # and both against the oracle
     weight, bias = params64(first)
     expected = normalized(x, first.running_mean, first.running_var, 1, weight, bias)
-    assert_close(np.moveaxis(y_last, -1, 1), expected, dtype)
+    assert_close(np.moveaxis(y_last, -1, 1), expected, dtype=dtype)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -482,11 +481,13 @@ def test_output_has_input_shape_and_dtype(rng, in_dtype, layer_dtype, training):
     weight, bias = params64(layer)
     mean, var, n = batch_moments(x, 1)
     if training:
-        assert_close(y, normalized(x, mean, var, 1, weight, bias), in_dtype)
-        assert_close(layer.running_mean, 0.9 * running_mean + 0.1 * mean, layer_dtype)
-        assert_close(layer.running_var, 0.9 * running_var + 0.1 * var * n / (n - 1), layer_dtype)
+        assert_close(y, normalized(x, mean, var, 1, weight, bias), dtype=in_dtype)
+        assert_close(layer.running_mean, 0.9 * running_mean + 0.1 * mean, kind="stats",
+                     dtype=layer_dtype)
+        assert_close(layer.running_var, 0.9 * running_var + 0.1 * var * n / (n - 1),
+                     kind="stats", dtype=layer_dtype)
     else:
-        assert_close(y, normalized(x, running_mean, running_var, 1, weight, bias), in_dtype)
+        assert_close(y, normalized(x, running_mean, running_var, 1, weight, bias), dtype=in_dtype)
     dx = layer.backward(dy)
     assert dx.shape == x.shape and dx.dtype == in_dtype
     for name in ("weight", "bias", "running_mean", "running_var", "grad_weight", "grad_bias"):
@@ -502,11 +503,12 @@ def test_float64_input_in_float32_layer_is_computed_in_float64(rng):
     y = layer(x)
     assert y.dtype == np.float64
     mean, var, n = batch_moments(x, 1)
-    np.testing.assert_allclose(y, normalized(x, mean, var, 1, weight, bias), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(y, normalized(x, mean, var, 1, weight, bias),
+                               rtol=1e-10, atol=1e-10)
     assert layer.running_mean.dtype == np.float32 and layer.running_var.dtype == np.float32
     np.testing.assert_allclose(layer.running_mean, (0.1 * mean).astype(np.float32), rtol=1e-6)
-    np.testing.assert_allclose(layer.running_var, (0.9 + 0.1 * var * n / (n - 1)).astype(np.float32),
-                               rtol=1e-6)
+    np.testing.assert_allclose(layer.running_var,
+                               (0.9 + 0.1 * var * n / (n - 1)).astype(np.float32), rtol=1e-6)
     layer.eval()
     y = layer(x)
     expected = normalized(x, layer.running_mean.astype(np.float64),
@@ -625,16 +627,16 @@ def test_backward_matches_reference(rng, shape, axis, dtype, affine, training):
         expected_y = reference.batch_norm(x, stats[0].astype(np.float64),
                                           stats[1].astype(np.float64), weight, bias,
                                           training=False, eps=EPS, axis=axis)
-        assert_close(y, expected_y, dtype)
+        assert_close(y, expected_y, dtype=dtype)
     dx = layer.backward(dy)
     dx_ref, grad_weight_ref, grad_bias_ref = reference_grads(layer, x, dy, axis, training)
     assert dx.dtype == dtype and dx.shape == shape
-    assert_close(dx, dx_ref, dtype)
+    assert_close(dx, dx_ref, kind="grad", dtype=dtype)
     if affine:
         assert layer.grad_weight.dtype == dtype and layer.grad_bias.dtype == dtype
         assert layer.grad_weight.shape == (shape[axis],)
-        assert_close(layer.grad_weight, grad_weight_ref, dtype)
-        assert_close(layer.grad_bias, grad_bias_ref, dtype)
+        assert_close(layer.grad_weight, grad_weight_ref, kind="grad", dtype=dtype)
+        assert_close(layer.grad_bias, grad_bias_ref, kind="grad", dtype=dtype)
     else:
         assert layer.grad_weight is None and layer.grad_bias is None
 
@@ -657,7 +659,7 @@ def test_backward_twice_gives_the_same_result(rng, training):
     np.testing.assert_array_equal(layer.grad_weight, grad_weight1)
     np.testing.assert_array_equal(layer.grad_bias, grad_bias1)
     dx_ref, _, _ = reference_grads(layer, x, dy, 1, training)
-    assert_close(dx2, dx_ref, np.float32)
+    assert_close(dx2, dx_ref, kind="grad", dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -686,20 +688,23 @@ def test_nonfinite_values_stay_in_their_channel(rng, shape, axis, dtype, bad):
     mean, var, n = batch_moments(x_good, axis)
     y_good = np.take(y, good, axis=axis)
     assert np.isfinite(y_good).all()
-    assert_close(y_good, normalized(x_good, mean, var, axis, weight[good], bias[good]), dtype)
+    assert_close(y_good, normalized(x_good, mean, var, axis, weight[good], bias[good]),
+                 dtype=dtype)
     assert not np.isfinite(y[tuple(index)])
-    assert np.isfinite(layer.running_mean[good]).all() and np.isfinite(layer.running_var[good]).all()
-    assert_close(layer.running_mean[good], 0.1 * mean, dtype)
-    assert_close(layer.running_var[good], 0.9 + 0.1 * var * n / (n - 1), dtype)
+    assert np.isfinite(layer.running_mean[good]).all()
+    assert np.isfinite(layer.running_var[good]).all()
+    assert_close(layer.running_mean[good], 0.1 * mean, kind="stats", dtype=dtype)
+    assert_close(layer.running_var[good], 0.9 + 0.1 * var * n / (n - 1), kind="stats", dtype=dtype)
     assert not np.isfinite(layer.running_mean[bad_channel])
-    _, ref_mean, ref_invstd = reference.batch_norm_forward(x_good, weight[good], None, EPS, axis=axis)
+    _, ref_mean, ref_invstd = reference.batch_norm_forward(x_good, weight[good], None, EPS,
+                                                           axis=axis)
     dx_ref, grad_weight_ref, grad_bias_ref = reference.batch_norm_backward(
         dy_good, x_good, ref_mean, ref_invstd, weight[good], axis=axis, training=True)
     dx_good = np.take(dx, good, axis=axis)
     assert np.isfinite(dx_good).all()
-    assert_close(dx_good, dx_ref, dtype)
-    assert_close(layer.grad_weight[good], grad_weight_ref, dtype)
-    assert_close(layer.grad_bias[good], grad_bias_ref, dtype)
+    assert_close(dx_good, dx_ref, kind="grad", dtype=dtype)
+    assert_close(layer.grad_weight[good], grad_weight_ref, kind="grad", dtype=dtype)
+    assert_close(layer.grad_bias[good], grad_bias_ref, kind="grad", dtype=dtype)
 
     # eval with clean running stats: only the bad element is non-finite
     clean = make_layer(num_channels, axis, dtype, rng)
@@ -710,7 +715,7 @@ def test_nonfinite_values_stay_in_their_channel(rng, shape, axis, dtype, bad):
     weight, bias = params64(clean)
     expected = normalized(x_good, clean.running_mean[good], clean.running_var[good], axis,
                           weight[good], bias[good])
-    assert_close(np.take(y, good, axis=axis), expected, dtype)
+    assert_close(np.take(y, good, axis=axis), expected, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -875,7 +880,8 @@ def test_load_state_dict_rejects_wrong_shapes_and_changes_nothing(rng, key, bad,
 
 def test_load_state_dict_copies_into_the_layers_own_arrays(rng):
     layer = cbn.BatchNorm(3)
-    arrays = {key: getattr(layer, key) for key in ("weight", "bias", "running_mean", "running_var")}
+    keys = ("weight", "bias", "running_mean", "running_var")
+    arrays = {key: getattr(layer, key) for key in keys}
     values = {key: rng.uniform(0.5, 2, 3).astype(np.float32) for key in arrays}
     layer.load_state_dict(dict(values, num_batches_tracked=np.array(4)))
     for key, array in arrays.items():
@@ -895,4 +901,5 @@ def test_backward_uses_the_weight_of_its_forward(rng, dtype):
     layer.weight *= 2
     _, mean, invstd = reference.batch_norm_forward(x)
     expected = reference.batch_norm_backward(dy, x, mean, invstd, weight)[0]
-    assert_close(layer.backward(dy), expected, np.float64 if dtype == np.float64 else np.float32)
+    assert_close(layer.backward(dy), expected, kind="grad",
+                 dtype=np.float64 if dtype == np.float64 else np.float32)

@@ -9,7 +9,6 @@ import pytest
 
 import cbn
 from cbn import _dispatch
-from cbn._layout import channel_view, like_view
 
 from corpus import make_input
 
@@ -19,28 +18,39 @@ LAYOUTS = [((4096, 96), 1), ((64, 16, 16, 16), 1), ((8, 24, 24, 64), -1),
            ((40, 24, 300), 1)]
 
 
-def all_kernel_results(kernels, x, dy, axis):
-    view = channel_view(x, axis)
-    dy = like_view(dy, view, "dy")
-    num_channels = view.num_channels
-    mean, var = np.empty(num_channels), np.empty(num_channels)
-    kernels.batch_stats(view.data, mean, var, 2)
+def all_results(x, dy, axis):
+    """Every kernel's results on x, through the public functions (statistics,
+    training and eval forwards with a fused ReLU or not, both backwards)."""
+    num_channels = x.shape[axis]
     weight, bias = np.full(num_channels, 1.3), np.full(num_channels, 0.5)
+    mean, var = cbn.batch_stats(x.astype(np.float64), axis=axis)
     results = [mean, var]
-    for batch_stats in (True, False):
-        stats = [np.empty(num_channels) if batch_stats else mean.copy(),
-                 np.empty(num_channels) if batch_stats else var.copy(),
-                 np.empty(num_channels)]
-        y = np.empty_like(view.data)
-        kernels.forward(view.data, weight, bias, 1e-5, batch_stats, *stats, y, False, 2)
-        results += stats + [y]
+    for relu in (None, "relu"):
+        running_mean, running_var = np.zeros(num_channels), np.ones(num_channels)
+        results.append(cbn.batch_norm(x, running_mean, running_var, weight, bias,
+                                      training=True, axis=axis, activation=relu))
+        results += [running_mean, running_var]
+        results.append(cbn.batch_norm(x, mean, var, weight, bias, axis=axis,
+                                      activation=relu))
+    y, save_mean, save_invstd = cbn.batch_norm_forward(x, weight, bias, axis=axis)
+    results += [y, save_mean, save_invstd]
     for training in (True, False):
-        sum_dy, dotp = np.empty(num_channels), np.empty(num_channels)
-        dx = np.empty_like(view.data)
-        kernels.backward(dy, view.data, mean, 1 / np.sqrt(var + 1e-5), weight,
-                         training, sum_dy, dotp, dx, 2)
-        results += [sum_dy, dotp, dx]
+        results += cbn.batch_norm_backward(dy, x, save_mean, save_invstd, weight,
+                                           axis=axis, training=training)
     return results
+
+
+def results_with(target, x, dy, axis):
+    """all_results() computed by the kernels of one SIMD build."""
+    module = importlib.import_module(_dispatch.BUILDS[target])
+    _dispatch.kernels.use_kernels(module)
+    try:
+        assert _dispatch.kernels.simd_target() == target
+        cbn.set_num_threads(2)
+        return all_results(x, dy, axis)
+    finally:
+        cbn.set_num_threads(None)
+        _dispatch.kernels.use_kernels(_dispatch.build)
 
 
 def test_the_baseline_build_is_always_there():
@@ -55,9 +65,7 @@ def test_every_usable_build_gives_identical_bits(rng, shape, axis, dtype):
         pytest.skip("only one SIMD build runs on this CPU")
     x = make_input(rng, shape, axis, dtype, offset=100.0)
     dy = rng.standard_normal(shape).astype(dtype)
-    results = {target: all_kernel_results(importlib.import_module(_dispatch.BUILDS[target]),
-                                          x, dy, axis)
-               for target in USABLE}
+    results = {target: results_with(target, x, dy, axis) for target in USABLE}
     baseline = results["baseline"]
     for target, arrays in results.items():
         for got, expected in zip(arrays, baseline):
@@ -79,7 +87,8 @@ def test_builds_this_cpu_cannot_run_are_never_imported():
 @pytest.mark.parametrize("target", USABLE)
 def test_cbn_simd_forces_a_build(target):
     out = subprocess.run(
-        [sys.executable, "-c", "from cbn import _dispatch; print(_dispatch.kernels.simd_target())"],
+        [sys.executable, "-c",
+         "from cbn import _dispatch; print(_dispatch.kernels.simd_target())"],
         env=dict(os.environ, CBN_SIMD=target), capture_output=True, text=True,
         cwd=os.path.dirname(__file__))
     assert out.stdout.strip() == target, out.stderr

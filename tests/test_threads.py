@@ -65,7 +65,7 @@ def test_set_num_threads_rejects(restore_threads, bad, error):
 
 
 def test_default_follows_omp_num_threads():
-    from cbn import _kernels
+    from cbn._dispatch import kernels as _kernels
     if not _kernels.openmp_enabled():
         pytest.skip("serial build: OMP_NUM_THREADS has nothing to set")
     env = dict(os.environ, OMP_NUM_THREADS="3")

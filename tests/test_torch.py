@@ -8,13 +8,11 @@ import numpy as np  # noqa: E402
 
 import cbn  # noqa: E402
 
+from corpus import assert_close  # noqa: E402
+
 pytestmark = pytest.mark.torch
 
 DTYPES = [pytest.param(np.float32, id="f32"), pytest.param(np.float64, id="f64")]
-
-# torch accumulates float32 statistics in float32, cbn in float64: with
-# moderately sized data of mean near 0 both are far inside these bounds.
-TOLERANCE = {np.dtype(np.float32): (1e-5, 1e-5), np.dtype(np.float64): (1e-10, 1e-10)}
 
 CBN_LAYERS = {"1d": cbn.BatchNorm1d, "2d": cbn.BatchNorm2d, "3d": cbn.BatchNorm3d}
 TORCH_LAYERS = {"1d": torch.nn.BatchNorm1d, "2d": torch.nn.BatchNorm2d,
@@ -70,22 +68,12 @@ def numpy_of(value):
     return np.asarray(value)
 
 
-def assert_close(actual, expected, dtype, what, terms=1):
-    """``terms``: how many values a compared quantity sums; torch's float32
-    sums (grad_weight, grad_bias) round off roughly with its square root."""
-    rtol, atol = TOLERANCE[np.dtype(dtype)]
-    atol *= np.sqrt(terms)
-    assert actual is not None, what
-    np.testing.assert_allclose(numpy_of(actual), numpy_of(expected),
-                               rtol=rtol, atol=atol, err_msg=what)
-
-
 def assert_result(actual, expected, x, what):
     """A cbn output: x's shape and dtype, and close to torch's."""
     assert isinstance(actual, np.ndarray), what
     assert actual.shape == x.shape, what
     assert actual.dtype == x.dtype, what
-    assert_close(actual, expected, x.dtype, what)
+    assert_close(actual, numpy_of(expected), dtype=x.dtype, scale=1, err_msg=what)
 
 
 def torch_dtype(dtype):
@@ -119,7 +107,8 @@ def assert_same_state(ours, theirs, dtype, when):
             assert actual == int(expected), f"{key} {when}"
         else:
             assert actual.dtype == np.dtype(dtype), f"{key} {when}"
-            assert_close(actual, expected, dtype, f"{key} {when}")
+            assert_close(actual, numpy_of(expected), kind="stats", dtype=dtype, scale=1,
+                         err_msg=f"{key} {when}")
 
 
 def cbn_state(layer):
@@ -182,8 +171,11 @@ def test_layer_matches_torch(rng, kind, shape, axis, dtype, affine, track, momen
         dx = ours.backward(dy)
         assert_result(dx, dx_t, x, f"training dx, step {step}")
         if affine:
-            assert_close(ours.grad_weight, gw_t, dtype, f"grad_weight, step {step}", n)
-            assert_close(ours.grad_bias, gb_t, dtype, f"grad_bias, step {step}", n)
+            # torch's float32 sums round off with the square root of the count
+            assert_close(ours.grad_weight, gw_t, kind="grad", dtype=dtype, scale=np.sqrt(n),
+                         err_msg=f"grad_weight, step {step}")
+            assert_close(ours.grad_bias, gb_t, kind="grad", dtype=dtype, scale=np.sqrt(n),
+                         err_msg=f"grad_bias, step {step}")
         else:
             assert ours.grad_weight is None and ours.grad_bias is None
         assert_same_state(ours, theirs, dtype, f"after training step {step}")
@@ -208,8 +200,10 @@ def test_layer_matches_torch(rng, kind, shape, axis, dtype, affine, track, momen
     dx = ours.backward(dy)
     assert_result(dx, dx_t, x, "eval dx")
     if affine:
-        assert_close(ours.grad_weight, gw_t, dtype, "eval grad_weight", n)
-        assert_close(ours.grad_bias, gb_t, dtype, "eval grad_bias", n)
+        assert_close(ours.grad_weight, gw_t, kind="grad", dtype=dtype, scale=np.sqrt(n),
+                     err_msg="eval grad_weight")
+        assert_close(ours.grad_bias, gb_t, kind="grad", dtype=dtype, scale=np.sqrt(n),
+                     err_msg="eval grad_bias")
     assert_state_unchanged(ours, before, "after eval")
     assert_same_state(ours, theirs, dtype, "after eval")
 
@@ -299,8 +293,10 @@ def test_batch_norm_matches_torch(rng, kind, shape, axis, dtype, affine, mode):
         assert_result(y, from_torch_layout(y_t, axis), x, f"y, call {call}")
         if running_mean is not None:
             assert running_mean.dtype == running_var.dtype == np.dtype(dtype)
-            assert_close(running_mean, running_mean_t, dtype, f"running_mean, call {call}")
-            assert_close(running_var, running_var_t, dtype, f"running_var, call {call}")
+            assert_close(running_mean, numpy_of(running_mean_t), kind="stats", dtype=dtype,
+                         scale=1, err_msg=f"running_mean, call {call}")
+            assert_close(running_var, numpy_of(running_var_t), kind="stats", dtype=dtype,
+                         scale=1, err_msg=f"running_var, call {call}")
     if mode == "eval":
         np.testing.assert_array_equal(running_mean, initial[0])
         np.testing.assert_array_equal(running_var, initial[1])

@@ -14,7 +14,7 @@ import pytest
 
 import cbn
 
-from corpus import make_input
+from corpus import assert_close, make_input
 
 STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 CBN_CLASSES = {"BatchNorm1d": cbn.BatchNorm1d, "BatchNorm2d": cbn.BatchNorm2d,
@@ -193,7 +193,6 @@ def _torch_module(torch, kind, kwargs, double, rng):
 
 
 def _compare_steps(torch, layer, module, rng, dtype, shape, steps=2):
-    t = 1e-5 if dtype == np.float32 else 1e-10
     for _ in range(steps):
         x = make_input(rng, shape, 1, dtype, offset=0.5)
         dy = rng.standard_normal(shape).astype(dtype)
@@ -205,21 +204,21 @@ def _compare_steps(torch, layer, module, rng, dtype, shape, steps=2):
         y = layer(x)
         dx = layer.backward(dy)
         assert y.dtype == dtype
-        np.testing.assert_allclose(y, yt.detach().numpy(), rtol=t, atol=t)
-        np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=t, atol=10 * t)
+        assert_close(y, yt.detach().numpy(), dtype=dtype, scale=1)
+        assert_close(dx, xt.grad.numpy(), kind="grad", dtype=dtype, scale=10)
         if module.weight is not None:
             terms = np.sqrt(x.size // shape[1])
-            np.testing.assert_allclose(layer.grad_weight, module.weight.grad.numpy(),
-                                       rtol=t, atol=t * terms)
-            np.testing.assert_allclose(layer.grad_bias, module.bias.grad.numpy(),
-                                       rtol=t, atol=t * terms)
+            assert_close(layer.grad_weight, module.weight.grad.numpy(), kind="grad",
+                         dtype=dtype, scale=terms)
+            assert_close(layer.grad_bias, module.bias.grad.numpy(), kind="grad", dtype=dtype,
+                         scale=terms)
         for key in ("running_mean", "running_var"):
             theirs = getattr(module, key)
             if theirs is None:
                 assert getattr(layer, key) is None
             else:
-                np.testing.assert_allclose(getattr(layer, key), theirs.numpy(), rtol=t,
-                                           atol=t, err_msg=key)
+                assert_close(getattr(layer, key), theirs.numpy(), kind="stats", dtype=dtype,
+                             scale=1, err_msg=key)
         if module.num_batches_tracked is None:
             assert layer.num_batches_tracked is None
         else:
@@ -292,8 +291,8 @@ def test_from_torch_freeze_matches_the_eval_module(rng):
     module = _torch_module(torch, "BatchNorm3d", {}, False, rng).eval()
     frozen = cbn.BatchNorm.from_torch(module).freeze()
     x = make_input(rng, SHAPES["BatchNorm3d"], 1, np.float32)
-    np.testing.assert_allclose(frozen(x), module(torch.from_numpy(x)).detach().numpy(),
-                               rtol=1e-5, atol=1e-5)
+    assert_close(frozen(x), module(torch.from_numpy(x)).detach().numpy(), dtype=np.float32,
+                 scale=1)
     # and rank checks carry over from BatchNorm3d
     with pytest.raises(ValueError):
         frozen(np.ones((2, 4), np.float32))
@@ -329,7 +328,7 @@ def test_from_state_dict_keywords(rng):
     assert layer.dtype == np.float32 and layer.weight.dtype == np.float32
     x = make_input(rng, (4, 2, 3), -1, np.float32)
     expected = np.maximum(eval_oracle(x, state, 1e-2, axis=-1), 0)
-    np.testing.assert_allclose(layer.eval()(x), expected, rtol=2e-5, atol=2e-5)
+    assert_close(layer.eval()(x), expected, dtype=np.float32, scale=1)
     # dtype inference: float32 arrays -> float32
     f32 = {k: (v.astype(np.float32) if v.dtype.kind == "f" else v) for k, v in state.items()}
     assert cbn.BatchNorm.from_state_dict(f32).dtype == np.float32
@@ -372,7 +371,8 @@ def test_from_state_dict_with_a_prefix(rng, prefix):
     pytest.param({}, "", id="empty"),
     pytest.param({"0.weight": np.ones(3), "0.bias": np.zeros(3)}, "1", id="nothing-under-prefix"),
     pytest.param({"1.inner.weight": np.ones(3)}, "1", id="only-nested"),
-    pytest.param({"weight": np.ones(3)}, "", id="weight-without-bias"),
+    pytest.param({"weight": np.ones(3), "running_mean": np.ones(3)}, "",
+                 id="weight-mean-without-var"),
     pytest.param({"bias": np.ones(3)}, "", id="bias-without-weight"),
     pytest.param({"running_mean": np.ones(3)}, "", id="mean-without-var"),
     pytest.param({"weight": np.ones(3), "bias": np.zeros(4)}, "", id="lengths-affine"),
@@ -408,8 +408,8 @@ def test_from_state_dict_of_a_torch_model(rng):
             np.testing.assert_array_equal(getattr(layer, key),
                                           getattr(bn, key).detach().numpy(), err_msg=key)
         x = make_input(rng, (8, 3), 1, np.float32)
-        np.testing.assert_allclose(layer.eval()(x), bn(torch.from_numpy(x)).detach().numpy(),
-                                   rtol=1e-5, atol=1e-5)
+        assert_close(layer.eval()(x), bn(torch.from_numpy(x)).detach().numpy(),
+                     dtype=np.float32, scale=1)
     nested = cbn.BatchNorm2d.from_state_dict(model.state_dict(), prefix="3.0")
     assert nested.num_features == 4
     with pytest.raises(ValueError):
@@ -418,5 +418,5 @@ def test_from_state_dict_of_a_torch_model(rng):
         cbn.BatchNorm.from_state_dict(model.state_dict(), prefix="0")  # a Linear: no bn keys
     # a frozen layer from the same state dict
     frozen = cbn.FrozenBatchNorm(model.state_dict(), prefix="1", eps=bn.eps)
-    np.testing.assert_allclose(frozen(x), bn(torch.from_numpy(x)).detach().numpy(),
-                               rtol=1e-5, atol=1e-5)
+    assert_close(frozen(x), bn(torch.from_numpy(x)).detach().numpy(), dtype=np.float32,
+                 scale=1)

@@ -1,0 +1,246 @@
+# The rules about a call's arguments, each written once: eps and momentum,
+# per-channel vectors, running buffers, and where an output may be written.
+# Plain arguments are accepted in C; anything else is converted by
+# cbn._convert and then held to the same rule here.
+
+
+# -- numbers
+
+cdef double eps_value(object value) except -1.0:
+    """eps as a double: a positive finite real number."""
+    cdef double v
+    if PyFloat_CheckExact(value):
+        v = PyFloat_AsDouble(value)
+    else:
+        value = _convert.real_number(value, "eps")
+        v = float(value)
+    if not (v > 0 and isfinite(v)):
+        raise ValueError(f"eps must be a positive finite number, got {value!r}")
+    return v
+
+
+def check_eps(value):
+    """``value`` if it is a valid eps (as given: an int stays an int, so reprs
+    read like PyTorch's), else TypeError or ValueError."""
+    if not PyFloat_CheckExact(value):
+        value = _convert.real_number(value, "eps")
+    eps_value(value)
+    return value
+
+
+cpdef object check_momentum(object value, bint allow_none=True):
+    """``value`` if it is a valid momentum: a real number in [0, 1], or None
+    where the caller allows the cumulative average."""
+    cdef double v
+    if value is None:
+        if not allow_none:
+            raise TypeError("momentum must be a number in [0, 1], got None")
+        return None
+    if PyFloat_CheckExact(value):
+        v = PyFloat_AsDouble(value)
+        if 0 <= v <= 1:
+            return value
+    else:
+        value = _convert.real_number(value, "momentum")
+    if not 0 <= value <= 1:
+        raise ValueError(f"momentum must be in [0, 1] (or None), got {value!r}")
+    return value
+
+
+cpdef bint check_training_flag(object training) except -1:
+    if training is True or training is False:
+        return training
+    if isinstance(training, numpy.bool_):
+        return bool(training)
+    raise TypeError(f"training must be a bool, got {type(training).__name__}")
+
+
+# -- per-channel vectors
+
+def channel_vector(value, Py_ssize_t num_channels, str name, dtype=numpy.float64,
+                   bint copy=True):
+    """``value`` as a contiguous (C,) array of ``dtype``: weights, biases,
+    statistics. A copy by default, so that it cannot alias an ``out=`` array
+    or change under a later in-place edit."""
+    array = _convert.real_array(value, name)
+    if array.ndim != 1 or array.shape[0] != num_channels:
+        raise ValueError(
+            f"{name} has shape {array.shape}, expected ({num_channels},) "
+            f"for {num_channels} channels"
+        )
+    if copy:
+        return numpy.array(array, dtype=dtype, order="C")
+    return numpy.ascontiguousarray(array, dtype=dtype)
+
+
+cdef int read_channels(object v, Py_ssize_t C, double* dst, str name,  # OUT dst (C,)
+                       double fill=0.0, bint optional=False) except -1:
+    """A per-channel vector copied into ``dst`` as double; None means ``fill``
+    where the vector is optional."""
+    cdef Py_ssize_t c
+    cdef const float* f
+    cdef const double* d
+    if v is None and optional:
+        for c in range(C):
+            dst[c] = fill
+        return 0
+    if not (plain_float_array(v) and cnp.PyArray_NDIM(<cnp.ndarray>v) == 1
+            and cnp.PyArray_DIMS(<cnp.ndarray>v)[0] == C):
+        v = channel_vector(v, C, name)
+    if cnp.PyArray_TYPE(<cnp.ndarray>v) == cnp.NPY_FLOAT:
+        f = <const float*>cnp.PyArray_DATA(<cnp.ndarray>v)
+        for c in range(C):
+            dst[c] = f[c]
+    else:
+        d = <const double*>cnp.PyArray_DATA(<cnp.ndarray>v)
+        for c in range(C):
+            dst[c] = d[c]
+    return 0
+
+
+cdef object running_buffer(object value, Py_ssize_t C, str name):
+    """A running-statistics array that will be updated in place."""
+    if (plain_float_array(value) and cnp.PyArray_NDIM(<cnp.ndarray>value) == 1
+            and cnp.PyArray_DIMS(<cnp.ndarray>value)[0] == C
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>value)):
+        return value
+    if not cnp.PyArray_Check(value):
+        raise TypeError(
+            f"{name} must be a NumPy array to be updated in place, "
+            f"got {type(value).__name__}"
+        )
+    if value.dtype.kind != "f":
+        raise TypeError(f"{name} must have a floating dtype, got {value.dtype}")
+    if value.shape != (C,):
+        raise ValueError(
+            f"{name} has shape {value.shape}, expected ({C},) for {C} channels"
+        )
+    if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>value):
+        raise ValueError(f"{name} is read-only and cannot be updated in place")
+    return value
+
+
+cdef void store_channels(object v, const double* src, Py_ssize_t C) noexcept:
+    """Write a plain (C,) float32/float64 array."""
+    cdef Py_ssize_t c
+    cdef float* f
+    cdef double* d
+    if cnp.PyArray_TYPE(<cnp.ndarray>v) == cnp.NPY_FLOAT:
+        f = <float*>cnp.PyArray_DATA(<cnp.ndarray>v)
+        for c in range(C):
+            f[c] = <float>src[c]
+    else:
+        d = <double*>cnp.PyArray_DATA(<cnp.ndarray>v)
+        for c in range(C):
+            d[c] = src[c]
+
+
+cdef object store_into(object buffer, const double* src, Py_ssize_t C):
+    """Write per-channel values into a running buffer of any float layout."""
+    if plain_float_array(buffer):
+        store_channels(buffer, src, C)
+    else:
+        values = numpy.empty(C)
+        store_channels(values, src, C)
+        buffer[...] = values
+
+
+# -- where outputs may go
+
+cdef inline char* span_start(object a) noexcept:
+    return <char*>cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef bint shares_memory(object a, object b) except -1:
+    """Whether two arrays may share memory (False unless both are ndarrays:
+    other array-likes are copied before anything is written)."""
+    if not (cnp.PyArray_Check(a) and cnp.PyArray_Check(b)):
+        return False
+    if (cnp.PyArray_ISCONTIGUOUS(<cnp.ndarray>a)
+            and cnp.PyArray_ISCONTIGUOUS(<cnp.ndarray>b)):
+        return not (span_start(a) + cnp.PyArray_NBYTES(<cnp.ndarray>a) <= span_start(b)
+                    or span_start(b) + cnp.PyArray_NBYTES(<cnp.ndarray>b) <= span_start(a))
+    return bool(numpy.may_share_memory(a, b))
+
+
+cdef bint same_buffer(object a, object b) noexcept:
+    """Two C-contiguous arrays covering exactly the same bytes."""
+    return (cnp.PyArray_ISCONTIGUOUS(<cnp.ndarray>a)
+            and cnp.PyArray_ISCONTIGUOUS(<cnp.ndarray>b)
+            and span_start(a) == span_start(b)
+            and cnp.PyArray_NBYTES(<cnp.ndarray>a) == cnp.PyArray_NBYTES(<cnp.ndarray>b))
+
+
+cdef int check_not_over_input(object out, View v) except -1:
+    """A training forward may not write over its input: backward needs it."""
+    if out is not None and shares_memory(out, v.source):
+        raise ValueError(
+            "out overlaps the input: a training forward cannot write its output "
+            "over its input, since backward needs the input; pass a separate out "
+            "array"
+        )
+    return 0
+
+
+@cython.freelist(8)
+cdef class Output:
+    """Where a kernel writes (``kernel``: the kernels' dtype, C-contiguous) and
+    what the caller gets (``result``: ``out`` or a new array of the input's
+    shape and result dtype); they differ for float16, bfloat16 and a
+    misaligned ``out``, converted by finish()."""
+
+    cdef object result
+    cdef object kernel
+    cdef bint convert
+
+    cdef object finish(self):
+        if self.convert:
+            self.result[...] = self.kernel.reshape(self.result.shape)
+        return self.result
+
+
+cdef Output output_for(View v, object out, tuple others, str name="out"):
+    """The output of a call on ``v``. ``out`` must match the input and overlap
+    each input (the caller's and the kernels' copy, and ``others``) wholly or
+    not at all: the kernels are elementwise, so writing over the very element
+    just read is safe, but a shifted overlap would read written values."""
+    cdef Output o = Output.__new__(Output)
+    cdef cnp.ndarray source = v.source
+    kernel_data(v)  # every other check has passed: copy the input if need be
+    if out is None:
+        if v.converted_dtype is None or v.converted_dtype == v.data.dtype:
+            o.result = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(source), cnp.PyArray_DIMS(source),
+                                         v.b.typenum, 0)
+        else:
+            o.result = numpy.empty(v.shape, dtype=v.dtype)
+    else:
+        if not cnp.PyArray_Check(out):
+            raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
+        if not same_dims(<cnp.ndarray>out, source):
+            raise ValueError(
+                f"{name} has shape {out.shape}, expected the input's shape {v.shape}"
+            )
+        if out.dtype != v.dtype:
+            raise TypeError(
+                f"{name} has dtype {out.dtype}, expected the input's dtype {v.dtype}"
+            )
+        if not cnp.PyArray_ISCONTIGUOUS(<cnp.ndarray>out):
+            raise ValueError(f"{name} must be C-contiguous")
+        if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out):
+            raise ValueError(f"{name} is read-only")
+        for data in (source, v.data) + others:
+            if (data is not None and cnp.PyArray_Check(data) and shares_memory(out, data)
+                    and not same_buffer(out, data)):
+                raise ValueError(
+                    f"{name} partially overlaps an input; pass that input itself for "
+                    "an in-place call, or a separate array"
+                )
+        o.result = out
+    o.convert = not (plain_float_array(o.result)
+                     and cnp.PyArray_TYPE(<cnp.ndarray>o.result) == v.b.typenum)
+    if o.convert:
+        o.kernel = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(source), cnp.PyArray_DIMS(source),
+                                     v.b.typenum, 0)
+    else:
+        o.kernel = o.result
+    return o
