@@ -113,8 +113,8 @@ if (platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32
                                       "-mavx512vl", "-mprefer-vector-width=512"]
 
 TABLE = ["cbn/_kernel_table.h", "cbn/_kernel_table.pxd", "cbn/_omp_compat.h"]
-KERNEL_DEPENDS = TABLE + ["cbn/_kernels_impl.pxi", "cbn/_kernel_export.pxi", "cbn/_stream.h",
-                          "cbn/_scratch.h"]
+KERNEL_DEPENDS = TABLE + ["cbn/_kernels_impl.pxi", "cbn/_plan.pxi", "cbn/_kernel_export.pxi",
+                          "cbn/_stream.h", "cbn/_scratch.h"]
 CORE_DEPENDS = TABLE + ["cbn/_threads.pxi", "cbn/_view.pxi", "cbn/_rules.pxi",
                         "cbn/_inference.pxi", "cbn/_calls.pxi"]
 
