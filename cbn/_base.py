@@ -15,18 +15,29 @@ class ChannelLayer:
     them, and a frozen layer keeps those of the layer it was frozen from.
     """
 
-    num_features: int
-    axis: int
+    _num_features: int
+    _axis: int
+    _eps: float
     _ranks: range | None = None
     _ranks_text: str | None = "at least 2D"
 
     def _set_channels(self, num_features: int, axis: int, ranks: range | None = None,
                       ranks_text: str | None = None) -> None:
-        self.num_features = _num_features(num_features)
-        self.axis = integer(axis, "axis")
+        self._num_features = _num_features(num_features)
+        self._axis = integer(axis, "axis")
         if ranks is not None:
             self._ranks, self._ranks_text = ranks, ranks_text
         self._build_accepts()
+
+    @property
+    def num_features(self) -> int:
+        """The number of channels C, fixed at construction."""
+        return self._num_features
+
+    @property
+    def axis(self) -> int:
+        """The channel axis of the input, fixed at construction."""
+        return self._axis
 
     def _build_accepts(self) -> None:
         """What the executor checks every input against."""
@@ -36,4 +47,4 @@ class ChannelLayer:
                                         self.num_features, type(self).__name__)
 
     def _repr_head(self) -> str:
-        return f"{type(self).__name__}({self.num_features}, eps={self.eps}"
+        return f"{type(self).__name__}({self.num_features}, eps={self._eps}"

@@ -901,7 +901,7 @@ cdef void run_job(const Job* job, const floating* a, const floating* b,
 
 
 # ---------------------------------------------------------------------------
-# 6. Whole steps: what the Python layer and the fast entry points call. The
+# 6. Whole steps: what the executor (cbn._core) calls through the table. The
 # per-channel arithmetic between kernels lives here only.
 
 cdef int forward_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,

@@ -6,7 +6,7 @@ import os
 from ._convert import integer
 from ._dispatch import kernels
 
-# The setting lives in the compiled module, where the fast entry points read it.
+# The setting lives in the compiled executor, which reads it at every call.
 
 # Below this many elements a kernel runs serial: waking a thread team costs
 # more than the work it would share.

@@ -93,11 +93,11 @@ class FrozenBatchNorm(ChannelLayer):
         """The frozen form of a :class:`cbn.BatchNorm` (what its ``freeze()``
         returns): its current state, eps, axis, activation, dtype, bias
         setting and accepted ranks."""
-        frozen = cls.__new__(cls)
-        frozen._ranks, frozen._ranks_text = layer._ranks, layer._ranks_text
-        frozen.__init__(layer.state_dict(), eps=layer.eps, axis=layer.axis,
-                        activation=layer.activation, dtype=layer.dtype,
-                        bias=layer._bias_enabled)
+        frozen = cls(layer.state_dict(), eps=layer.eps, axis=layer.axis,
+                     activation=layer.activation, dtype=layer.dtype,
+                     bias=layer._bias_enabled)
+        frozen._set_channels(frozen.num_features, frozen.axis, layer._ranks,
+                             layer._ranks_text)
         return frozen
 
     @classmethod

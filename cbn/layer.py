@@ -3,9 +3,8 @@ around the executor's calls, with PyTorch's semantics."""
 from __future__ import annotations
 
 import threading
-from collections import namedtuple
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, overload
 
 import numpy as np
 
@@ -21,7 +20,11 @@ if TYPE_CHECKING:
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
-IncompatibleKeys = namedtuple("IncompatibleKeys", "missing_keys unexpected_keys")
+class IncompatibleKeys(NamedTuple):
+    """What load_state_dict returns, as PyTorch's."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
 
 
 class _ChannelArray:
@@ -322,17 +325,18 @@ class BatchNorm(ChannelLayer):
     # -- state
 
     def reset_running_stats(self) -> None:
-        if self.running_mean is not None:
-            self.running_mean.fill(0)
-            self.running_var.fill(1)
+        mean, var = self._running_mean, self._running_var
+        if mean is not None and var is not None:
+            mean.fill(0)
+            var.fill(1)
             self.num_batches_tracked = 0
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.affine:
-            self.weight.fill(1)
-            if self._bias is not None:
-                self.bias.fill(0)
+        if self._weight is not None:
+            self._weight.fill(1)
+        if self._bias is not None:
+            self._bias.fill(0)
 
     def _state_keys(self):
         return [key for key in _state.STATE_KEYS if getattr(self, key) is not None]
@@ -436,6 +440,9 @@ class BatchNorm(ChannelLayer):
         state.setdefault("_relu", False)  # pickled before activation= existed
         state.setdefault("_nonfinite", "propagate")  # ... and before nonfinite=
         state.setdefault("_bias_enabled", True)  # ... and before bias=
+        for name in ("num_features", "axis"):  # ... and before they were read-only
+            if name in state:
+                state["_" + name] = state.pop(name)
         self.__dict__.update(state)
         self._build_accepts()
         self._init_call_state()

@@ -67,12 +67,14 @@ def batch_norm(x: ArrayLike, running_mean: NDArray[Any] | None,
     axis, _ = _reduce_axes(x.ndim, axis)
     if training:
         y, mean, _ = batch_norm_forward(x, weight, bias, eps, axis=axis)
-        if running_mean is not None and x.size:
+        if running_mean is not None and running_var is not None and x.size:
             n = x.size // x.shape[axis]
             _, var = batch_stats(x, axis=axis)
             running_mean[...] = (1 - momentum) * running_mean + momentum * mean
             running_var[...] = (1 - momentum) * running_var + momentum * var * n / (n - 1)
         return y
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var are required when training=False")
     mean = _per_channel(running_mean, x.ndim, axis)
     invstd = 1.0 / np.sqrt(_per_channel(running_var, x.ndim, axis) + eps)
     y = (x - mean) * invstd

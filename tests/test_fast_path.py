@@ -110,8 +110,7 @@ def test_fast_in_place_call_and_preallocated_output(rng):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, axis", LAYOUTS)
 def test_relu_layer_forward_and_backward_same_bits(rng, shape, axis, dtype, training):
-    # The fast backward masks the gradient in C (into its output array), the
-    # general path with NumPy: the same bits, with and without out=.
+    # Plain and converted inputs: the same bits, with and without out=.
     x = make_input(rng, shape, axis, dtype, offset=2.0)
     dy = rng.standard_normal(x.shape).astype(dtype)
     results = {}
@@ -131,9 +130,9 @@ def test_relu_layer_forward_and_backward_same_bits(rng, shape, axis, dtype, trai
     assert results["fast"] == results["general"]
 
 
-def test_relu_backward_with_out_over_the_input_takes_the_general_path(rng):
-    # The fast path makes the masked gradient in its output array; over x that
-    # would overwrite x before the backward reads it.
+def test_relu_backward_with_out_over_the_input_masks_aside(rng):
+    # The masked gradient is made in the output array, except where that is
+    # x (or the saved output): it would overwrite them before they are read.
     x = make_input(rng, (64, 8), 1, np.float32, offset=1.0)
     dy = rng.standard_normal(x.shape).astype(np.float32)
     layer = cbn.BatchNorm(8, activation="relu")

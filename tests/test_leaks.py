@@ -2,7 +2,7 @@
 memory does not grow.
 
 Each path (a train forward + backward, eval calls, frozen calls, each public
-function, the general path that copies its input, the inference helpers,
+function, inputs that are converted (copied) first, the inference helpers,
 state-dict round trips and construction, and calls that raise) runs
 ``CALLS`` times on tiny arrays after a warm-up; an error path's calls take
 its kinds of bad input in turn, each call one that raises. Over those calls:
@@ -109,7 +109,7 @@ def train_relu_channels_last():
 
 
 def train_general_path():
-    # Fortran order: the Python path, which copies the input
+    # Fortran order: converted, the input copied
     x, dy = _data((4, 4, 3))
     x, dy = np.asfortranarray(x), np.asfortranarray(dy)
     layer = cbn.BatchNorm1d(4)

@@ -11,9 +11,9 @@ import cbn
 from corpus import make_input
 
 LAYOUTS = [((16, 5), 1), ((4, 5, 6, 6), 1), ((3, 4, 4, 5), -1), ((2, 5, 40), 1)]
-# The fast path takes exact float32/float64 arrays; float16 and views of an
-# ndarray subclass go through the Python path.
-INPUTS = [pytest.param(lambda a: a, id="fast"),
+# Exact float32/float64 arrays are read as they are; float16 and views of an
+# ndarray subclass are converted first.
+INPUTS = [pytest.param(lambda a: a, id="plain"),
           pytest.param(lambda a: a.astype(np.float16), id="float16"),
           pytest.param(lambda a: a.view(type("Sub", (np.ndarray,), {})), id="subclass")]
 

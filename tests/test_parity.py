@@ -254,3 +254,26 @@ def test_a_layer_pickled_before_nonfinite_and_bias_existed_loads(rng):
     assert "bias" not in repr(old)
     x = make_input(rng, (6, 3), 1, np.float32)
     np.testing.assert_array_equal(old(x), layer(x))
+
+
+def test_a_layer_pickled_with_plain_num_features_and_axis_loads(rng):
+    """Before issue 12 the channel count and axis were plain attributes."""
+    layer = cbn.BatchNorm(3, axis=-1)
+    state = layer.__getstate__()
+    state["num_features"], state["axis"] = state.pop("_num_features"), state.pop("_axis")
+    old = cbn.BatchNorm.__new__(cbn.BatchNorm)
+    old.__setstate__(state)
+    assert (old.num_features, old.axis) == (3, -1)
+    x = make_input(rng, (6, 3), 1, np.float32)
+    np.testing.assert_array_equal(old(x), layer(x))
+
+
+@pytest.mark.parametrize("make", [lambda: cbn.BatchNorm(3),
+                                  lambda: cbn.BatchNorm(3).eval().freeze()])
+def test_channel_count_and_axis_are_read_only(make):
+    layer = make()
+    with pytest.raises(AttributeError):
+        layer.num_features = 4
+    with pytest.raises(AttributeError):
+        layer.axis = 0
+    assert (layer.num_features, layer.axis) == (3, 1)
