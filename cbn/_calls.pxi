@@ -89,20 +89,20 @@ cdef enum:
 
 
 @cython.freelist(4)
-cdef class Record:
+cdef class Record(View):
     """One forward, as its backward needs it: replaced whole by each forward.
 
     ``output``: what it returned. ``batch_stats``: it normalized with the
     batch's own statistics (which then depend on the input). ``mean``,
     ``invstd``, ``weight``: the float64 per-channel values it used. The input
-    is kept (the caller's array, or the kernels' copy of it) unless ``out=``
-    was written over it (``overwritten``), and so is the output when a ReLU
-    was fused (backward masks with it)."""
+    is kept (the caller's array, or the kernels' copy of it: a Record is the
+    View of its forward's input) unless ``out=`` was written over it
+    (``overwritten``), and so is the output when a ReLU was fused (backward
+    masks with it)."""
 
     cdef readonly object output
     cdef readonly bint batch_stats
-    cdef readonly bint overwritten
-    cdef View input
+    cdef readonly bint overwritten   # then the input (this view) must not be read
     cdef object relu_output
     cdef object stats       # (R_ROWS, C) block, or the ChannelParams used
     cdef const double* mean_p
@@ -125,13 +125,12 @@ cdef class Record:
         return channels_as(self.weight_p, self.num_channels, float64_dtype)
 
 
-cdef Record new_record(Output o, View v, object out, bint relu):
-    cdef Record r = Record.__new__(Record)
-    r.output = o.finish()
-    r.overwritten = out is not None and shares_memory(out, v.source)
-    r.input = None if r.overwritten else v
+cdef Record finish_record(Record r, object out, bint relu):
+    """``r`` once its forward has run: its output finished."""
+    r.output = finish(r)
+    r.overwritten = out is not None and shares_memory(out, r.source)
     r.relu_output = r.output if relu else None
-    r.num_channels = v.b.C
+    r.num_channels = r.b.C
     return r
 
 
@@ -161,7 +160,7 @@ def stats(x, axis, out):
                                            var, threads)
         check_scratch(status)
     if out is None:
-        return block[0].astype(v.dtype), block[1].astype(v.dtype)
+        return block[0].astype(v.result_dtype()), block[1].astype(v.result_dtype())
     out[0][...] = block[0]
     out[1][...] = block[1]
     return out
@@ -243,16 +242,26 @@ cdef int check_running_pair(object running_mean, object running_var) except -1:
     return 0
 
 
-def train_forward(x, axis, Accepts accepts, weight, bias, eps, running_mean, running_var,
-                  momentum, batches_tracked, bint relu, int nonfinite, out,
-                  bint may_overwrite_input=False):
+def forward_stats(x, axis, weight, bias, eps, out):
+    """cbn.batch_norm_forward: (y, save_mean, save_invstd), the statistics
+    as new float64 arrays."""
+    cdef Record r = train_forward(x, axis, ANY_INPUT, weight, bias, eps, None, None, None,
+                                  None, False, NONFINITE_PROPAGATE, out)
+    return (r.output, channels_as(r.mean_p, r.num_channels, float64_dtype),
+            channels_as(r.invstd_p, r.num_channels, float64_dtype))
+
+
+cpdef Record train_forward(x, axis, Accepts accepts, weight, bias, eps, running_mean,
+                           running_var, momentum, batches_tracked, bint relu, int nonfinite,
+                           out, bint may_overwrite_input=False):
     """A forward with the batch's statistics (training, or eval without
     running statistics): returns its Record. With running statistics, they
     are updated in place with ``momentum``, or with the cumulative average
     over ``batches_tracked`` earlier batches when momentum is None (layers
     only: functions pass batches_tracked=None). ``out`` may be the input only
     where no backward is expected (``may_overwrite_input``: eval mode)."""
-    cdef View v = view_of(x, axis, accepts, "input")
+    cdef Record r = Record.__new__(Record)
+    cdef View v = view_of(x, axis, accepts, "input", r)
     cdef Py_ssize_t C = v.b.C, n = v.b.outer * v.b.inner
     cdef double eps_c = eps_value(eps)
     cdef double factor = 0.0
@@ -275,9 +284,9 @@ def train_forward(x, axis, Accepts accepts, weight, bias, eps, running_mean, run
             "Expected more than 1 value per channel when training, "
             f"got input size {v.source.shape}"
         )
-    cdef Output o = output_for(v, out, (running_mean, running_var) if update else ())
+    output_for(v, out, (running_mean, running_var) if update else ())
     cdef const void* xp = data_of(v.data)
-    cdef void* yp = data_of(o.kernel)
+    cdef void* yp = data_of(v.kernel)
     cdef double* s = row(block, 0, C)
     if n == 0 or C == 0:  # an empty batch: no statistics, nothing to update
         block[R_MEAN:R_INVSTD + 1] = numpy.nan
@@ -299,7 +308,7 @@ def train_forward(x, axis, Accepts accepts, weight, bias, eps, running_mean, run
                        s + R_VAR * C, C, n, factor, nonfinite == NONFINITE_SKIP)
         store_into(running_mean, s + R_RUNNING_MEAN * C, C)
         store_into(running_var, s + R_RUNNING_VAR * C, C)
-    cdef Record r = new_record(o, v, out, relu)
+    finish_record(r, out, relu)
     r.batch_stats = True
     r.stats = block
     r.mean_p = s + R_MEAN * C
@@ -329,16 +338,16 @@ def eval_forward(x, axis, weight, bias, running_mean, running_var, eps, momentum
         read_channels(bias, C, s + R_BIAS * C, "bias", 0.0, True)
         read_channels(running_mean, C, s + R_MEAN * C, "running_mean")
         read_channels(running_var, C, s + R_VAR * C, "running_var")
-        o = output_for(v, out, ())
+        output_for(v, out, ())
         xp = data_of(v.data)
-        yp = data_of((<Output>o).kernel)
+        yp = data_of(v.kernel)
         if v.size():
             with nogil:
                 status = forward_kernel(v.b, xp, yp, s + R_WEIGHT * C, s + R_BIAS * C,
                                         eps_c, False, s + R_MEAN * C, s + R_VAR * C,
                                         s + R_INVSTD * C, relu)
             check_scratch(status)
-        return (<Output>o).finish()
+        return finish(v)
     finally:
         free(s)
 
@@ -348,7 +357,8 @@ def normalize(x, axis, Accepts accepts, ChannelParams params not None, bint relu
     """An inference call with ready parameters (a layer's eval, a frozen
     layer); returns its Record. ``relu_mask``: an earlier output whose
     clipped places (<= 0) zero ``x`` first (a frozen layer's backward)."""
-    cdef View v = view_of(x, axis, accepts, name)
+    cdef Record r = Record.__new__(Record)
+    cdef View v = view_of(x, axis, accepts, name, r)
     cdef int status = 0
     cdef const void* mp = NULL
     if relu_mask is not None:
@@ -359,9 +369,9 @@ def normalize(x, axis, Accepts accepts, ChannelParams params not None, bint relu
             )
         relu_mask = view_like(relu_mask, v, "output")
         mp = data_of(relu_mask)
-    cdef Output o = output_for(v, out, (relu_mask,))
+    output_for(v, out, (relu_mask,))
     cdef const void* xp = data_of(v.data)
-    cdef void* yp = data_of(o.kernel)
+    cdef void* yp = data_of(v.kernel)
     if v.size():
         with nogil:
             if mp != NULL:  # masked in the output, then scaled there in place
@@ -370,7 +380,7 @@ def normalize(x, axis, Accepts accepts, ChannelParams params not None, bint relu
             status = normalize_kernel(v.b, xp, yp, params.mean_p, params.scale_p,
                                       params.bias_p, relu)
         check_scratch(status)
-    cdef Record r = new_record(o, v, out, relu)
+    finish_record(r, out, relu)
     r.batch_stats = False
     r.stats = params
     r.mean_p = params.mean_p
@@ -381,44 +391,59 @@ def normalize(x, axis, Accepts accepts, ChannelParams params not None, bint relu
 
 # -- backwards
 
+cdef View output_view(View v):
+    """A View of ``v``'s input for another call's output: a forward's record
+    keeps its own output fields, whatever its backwards do."""
+    cdef View o = View.__new__(View)
+    o.data, o.source, o.b = v.data, v.source, v.b
+    o.converted_dtype, o.compute_dtype = v.converted_dtype, v.compute_dtype
+    return o
+
+
 cdef tuple run_backward(View v, object dy, object dy_data, const double* mean,
                         const double* invstd, const double* weight, bint training,
-                        object out, object relu_output, object grad_dtype):
+                        object out, object relu_output, object grad_dtype,
+                        bint own_view):
     """(dx, grad_weight, grad_bias) of a forward on ``v`` that normalized with
     ``mean`` and ``invstd``; ``relu_output``: its output when a ReLU was
-    fused (its clipped places pass no gradient)."""
+    fused (its clipped places pass no gradient). ``own_view``: ``v`` is this
+    call's own, and takes the output (else it is a record, which keeps its
+    forward's)."""
     cdef Py_ssize_t c, C = v.b.C
     cdef int status = 0
     y_data = None if relu_output is None else view_like(relu_output, v, "output")
-    cdef Output o = output_for(v, out, (dy if cnp.PyArray_Check(dy) else None, dy_data,
-                                        y_data))
-    sums = new_block(3, C)   # sum of dy, sum of (x - mean) * dy, grad_weight
-    cdef double* sp = row(sums, 0, C)
+    cdef View o = v if own_view else output_view(v)
+    output_for(o, out, (dy if cnp.PyArray_Check(dy) else None, dy_data, y_data))
     cdef const void* dyp = data_of(dy_data)
-    cdef const void* xp = data_of(v.data)
+    cdef const void* xp = data_of(o.data)
     cdef const void* yp = NULL
     cdef void* dxp = data_of(o.kernel)
     cdef void* masked = dxp
-    if not v.size():  # an empty batch: nothing flows back
-        sums.fill(0.0)
-    else:
-        if y_data is not None:
-            # The masked gradient goes where dx will, unless dx is x or the
-            # output (both still to be read): then aside.
-            if shares_memory(o.kernel, v.data) or shares_memory(o.kernel, y_data):
-                aside = numpy.empty_like(o.kernel)
-                masked = data_of(aside)
-            yp = data_of(y_data)
-        with nogil:
-            if yp != NULL:
-                relu_grad_kernel(v.b, dyp, yp, masked)
-                dyp = masked
-            status = backward_kernel(v.b, dyp, xp, dxp, mean, invstd, weight, training,
-                                     sp, sp + C)
-            for c in range(C):
-                sp[2 * C + c] = sp[C + c] * invstd[c]
-        check_scratch(status)
-    return o.finish(), channels_as(sp + 2 * C, C, grad_dtype), channels_as(sp, C, grad_dtype)
+    # sum of dy, sum of (x - mean) * dy, grad_weight
+    cdef double* sp = <double*>calloc(3 * C + 1, sizeof(double))
+    if sp == NULL:
+        raise MemoryError()
+    try:
+        if o.size():  # an empty batch: nothing flows back (the sums stay 0)
+            if y_data is not None:
+                # The masked gradient goes where dx will, unless dx is x or the
+                # output (both still to be read): then aside.
+                if shares_memory(o.kernel, o.data) or shares_memory(o.kernel, y_data):
+                    aside = numpy.empty_like(o.kernel)
+                    masked = data_of(aside)
+                yp = data_of(y_data)
+            with nogil:
+                if yp != NULL:
+                    relu_grad_kernel(o.b, dyp, yp, masked)
+                    dyp = masked
+                status = backward_kernel(o.b, dyp, xp, dxp, mean, invstd, weight, training,
+                                         sp, sp + C)
+                for c in range(C):
+                    sp[2 * C + c] = sp[C + c] * invstd[c]
+            check_scratch(status)
+        return finish(o), channels_as(sp + 2 * C, C, grad_dtype), channels_as(sp, C, grad_dtype)
+    finally:
+        free(sp)
 
 
 def record_backward(Record record, dy, out, grad_dtype, str owner):
@@ -428,20 +453,25 @@ def record_backward(Record record, dy, out, grad_dtype, str owner):
             f"{owner}.backward: the last forward wrote its output over its input "
             "(out=x), and backward needs the input"
         )
-    return run_backward(record.input, dy, view_like(dy, record.input, "dy"),
-                        record.mean_p, record.invstd_p, record.weight_p,
-                        record.batch_stats, out, record.relu_output, grad_dtype)
+    return run_backward(record, dy, view_like(dy, record, "dy"), record.mean_p,
+                        record.invstd_p, record.weight_p, record.batch_stats, out,
+                        record.relu_output, grad_dtype, False)
 
 
 def backward(dy, x, axis, save_mean, save_invstd, weight, training, out):
     """cbn.batch_norm_backward."""
     cdef View v = view_of(x, axis, ANY_INPUT, "x")
     cdef Py_ssize_t C = v.b.C
-    dy_data = view_like(dy, v, "dy")
-    block = new_block(3, C)
-    read_channels(save_mean, C, row(block, 0, C), "save_mean")
-    read_channels(save_invstd, C, row(block, 1, C), "save_invstd")
-    read_channels(weight, C, row(block, 2, C), "weight", 1.0, True)
-    cdef bint training_c = check_training_flag(training)
-    return run_backward(v, dy, dy_data, row(block, 0, C), row(block, 1, C), row(block, 2, C),
-                        training_c, out, None, v.dtype)
+    cdef double* s = <double*>malloc(3 * C * sizeof(double) + 1)
+    if s == NULL:
+        raise MemoryError()
+    try:
+        read_channels(save_mean, C, s, "save_mean")
+        read_channels(save_invstd, C, s + C, "save_invstd")
+        read_channels(weight, C, s + 2 * C, "weight", 1.0, True)
+        training_c = check_training_flag(training)
+        dy_data = view_like(dy, v, "dy")  # last: it may copy a huge dy
+        return run_backward(v, dy, dy_data, s, s + C, s + 2 * C, training_c, out, None,
+                            v.result_dtype(), True)
+    finally:
+        free(s)

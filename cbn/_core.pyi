@@ -77,10 +77,6 @@ def channel_vector(
     copy: bool = True,
 ) -> NDArray[Any]: ...
 
-@disjoint_base
-class Output:
-    """Where a kernel writes and what the caller gets (no Python API)."""
-
 # -- _inference.pxi
 
 @disjoint_base
@@ -136,8 +132,8 @@ float64_dtype: np.dtype[np.float64]
 NONFINITE_MODES: dict[str, int]
 
 @disjoint_base
-class Record:
-    """One forward, as its backward needs it."""
+class Record(View):
+    """One forward, as its backward needs it (the View of its input)."""
 
     @property
     def output(self) -> NDArray[Any]: ...
@@ -158,6 +154,14 @@ def stats(
     out: tuple[NDArray[Any], NDArray[Any]] | list[NDArray[Any]] | None,
 ) -> tuple[NDArray[Any], NDArray[Any]]: ...
 def nonfinite_error(channels: Sequence[int]) -> FloatingPointError: ...
+def forward_stats(
+    x: ArrayLike,
+    axis: SupportsIndex,
+    weight: ArrayLike | None,
+    bias: ArrayLike | None,
+    eps: SupportsFloat,
+    out: NDArray[Any] | None,
+) -> tuple[NDArray[Any], NDArray[np.float64], NDArray[np.float64]]: ...
 def train_forward(
     x: ArrayLike,
     axis: SupportsIndex,

@@ -182,29 +182,16 @@ cdef int check_not_over_input(object out, View v) except -1:
     return 0
 
 
-@cython.freelist(8)
-cdef class Output:
-    """Where a kernel writes (``kernel``: the kernels' dtype, C-contiguous) and
-    what the caller gets (``result``: ``out`` or a new array of the input's
-    shape and result dtype); they differ for float16, bfloat16 and a
-    misaligned ``out``, converted by finish()."""
-
-    cdef object result
-    cdef object kernel
-    cdef bint convert
-
-    cdef object finish(self):
-        if self.convert:
-            self.result[...] = self.kernel.reshape(self.result.shape)
-        return self.result
-
-
-cdef Output output_for(View v, object out, tuple others, str name="out"):
-    """The output of a call on ``v``. ``out`` must match the input and overlap
-    each input (the caller's and the kernels' copy, and ``others``) wholly or
-    not at all: the kernels are elementwise, so writing over the very element
-    just read is safe, but a shifted overlap would read written values."""
-    cdef Output o = Output.__new__(Output)
+cdef int output_for(View v, object out, tuple others, str name="out") except -1:
+    """Sets ``v``'s output: ``result`` (``out``, or a new array of the input's
+    shape and result dtype) and ``kernel``, where the kernels write (the
+    kernels' dtype, C-contiguous); they differ for float16, bfloat16 and a
+    misaligned ``out``, and finish() converts. ``out`` must match the input
+    and overlap each input (the caller's and the kernels' copy, and
+    ``others``) wholly or not at all: the kernels are elementwise, so writing
+    over the very element just read is safe, but a shifted overlap would read
+    written values."""
+    cdef View o = v
     cdef cnp.ndarray source = v.source
     kernel_data(v)  # every other check has passed: copy the input if need be
     if out is None:
@@ -212,7 +199,7 @@ cdef Output output_for(View v, object out, tuple others, str name="out"):
             o.result = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(source), cnp.PyArray_DIMS(source),
                                          v.b.typenum, 0)
         else:
-            o.result = numpy.empty(v.shape, dtype=v.dtype)
+            o.result = numpy.empty(v.shape, dtype=v.result_dtype())
     else:
         if not cnp.PyArray_Check(out):
             raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
@@ -220,9 +207,9 @@ cdef Output output_for(View v, object out, tuple others, str name="out"):
             raise ValueError(
                 f"{name} has shape {out.shape}, expected the input's shape {v.shape}"
             )
-        if out.dtype != v.dtype:
+        if out.dtype != v.result_dtype():
             raise TypeError(
-                f"{name} has dtype {out.dtype}, expected the input's dtype {v.dtype}"
+                f"{name} has dtype {out.dtype}, expected the input's dtype {v.result_dtype()}"
             )
         if not cnp.PyArray_ISCONTIGUOUS(<cnp.ndarray>out):
             raise ValueError(f"{name} must be C-contiguous")
@@ -243,4 +230,13 @@ cdef Output output_for(View v, object out, tuple others, str name="out"):
                                      v.b.typenum, 0)
     else:
         o.kernel = o.result
-    return o
+    return 0
+
+
+cdef object finish(View v):
+    """The caller's output, converted from the kernels' when they differ."""
+    if v.convert:
+        v.result[...] = v.kernel.reshape(v.result.shape)
+        v.kernel = v.result   # the temporary is not kept
+        v.convert = False
+    return v.result

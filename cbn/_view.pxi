@@ -62,6 +62,10 @@ cdef class View:
     cdef object converted_dtype   # results' dtype when data is a converted copy
     cdef object compute_dtype     # the copy's dtype, until it is made
     cdef Block b
+    # The call's output, set by output_for (_rules.pxi)
+    cdef object result            # what the caller gets
+    cdef object kernel            # where the kernels write
+    cdef bint convert             # result is filled from kernel by finish()
 
     @property
     def shape(self):
@@ -72,6 +76,9 @@ cdef class View:
     def dtype(self):
         """The dtype results come back in: the input's (float16, bfloat16 and
         byte-swapped data are computed in a native float32/float64 copy)."""
+        return self.result_dtype()
+
+    cdef inline object result_dtype(self):
         return self.data.dtype if self.converted_dtype is None else self.converted_dtype
 
     cdef inline Py_ssize_t size(self) noexcept:
@@ -92,9 +99,11 @@ cdef int axis_index(object axis, int ndim, object array) except -1:
     return <int>(ax + ndim if ax < 0 else ax)
 
 
-cdef View view_of(object x, object axis, Accepts accepts, str name):
-    """``x`` checked against ``accepts`` and seen as (outer, C, inner)."""
-    cdef View v = View.__new__(View)
+cdef View view_of(object x, object axis, Accepts accepts, str name, View v=None):
+    """``x`` checked against ``accepts`` and seen as (outer, C, inner), in
+    ``v`` when given (a Record: one object per call)."""
+    if v is None:
+        v = View.__new__(View)
     cdef cnp.ndarray array
     cdef int ndim, k, ax
     cdef cnp.npy_intp* dims

@@ -76,9 +76,7 @@ def batch_norm_forward(x: ArrayLike, weight: ArrayLike | None = None,
     to :func:`batch_norm_backward` with the same ``x``. No running statistics
     are involved; keep them with :func:`batch_norm` or a :class:`BatchNorm` layer.
     """
-    record = kernels.train_forward(x, axis, _ANY_INPUT, weight, bias, eps, None, None,
-                                   None, None, False, _PROPAGATE, out)
-    return record.output, record.mean, record.invstd
+    return kernels.forward_stats(x, axis, weight, bias, eps, out)
 
 
 def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,

@@ -469,3 +469,18 @@ def test_good_out_is_accepted(ctx, name, target):
     result = result[0] if isinstance(result, tuple) else result
     assert result is out
     assert_close(result, expected, dtype=np.float32, scale=1)
+
+
+def test_functions_reject_bad_vectors_before_copying_a_huge_input():
+    """A broadcast view of 2**40 rows costs nothing unless copied: a call whose
+    per-channel arguments do not match it fails without the copy."""
+    x = np.broadcast_to(np.float32(0), (2**40, 4))
+    three = np.zeros(3)
+    calls = [lambda: cbn.batch_norm(x, three, three + 1),
+             lambda: cbn.batch_norm(x, three, three + 1, training=True),
+             lambda: cbn.batch_norm_forward(x, three),
+             lambda: cbn.batch_norm_backward(x, x, three, three + 1),
+             lambda: cbn.batch_stats(x, out=(three, three.copy()))]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"\(3,\), expected \(4,\)"):
+            call()

@@ -23,10 +23,8 @@ two) and requires that:
 ``BAD_INPUTS`` is the number of bad calls tried (see ``test_bad_input_count``,
 which prints it).
 
-Known failure kept out of this file: the functions (``batch_norm``,
-``batch_norm_forward``, ``batch_norm_backward``) copy an input of huge
-declared size with the wrong channel count before checking the count
-(MemoryError instead of ValueError); layers reject it.
+Huge inputs whose per-channel arguments have the wrong length are also in
+test_errors.py (``test_functions_reject_bad_vectors_before_copying_a_huge_input``).
 """
 import math
 import re
