@@ -71,14 +71,12 @@ cdef object new_block(Py_ssize_t rows, Py_ssize_t C):
 cdef object channels_as(const double* values, Py_ssize_t C, object dtype):
     """A new (C,) array of ``dtype`` holding ``values``."""
     cdef cnp.npy_intp n = C
-    if dtype is float32_dtype or dtype is float64_dtype:
-        a = cnp.PyArray_EMPTY(1, &n, cnp.NPY_FLOAT if dtype is float32_dtype
-                              else cnp.NPY_DOUBLE, 0)
-        store_channels(a, values, C)
-        return a
-    a = cnp.PyArray_EMPTY(1, &n, cnp.NPY_DOUBLE, 0)
+    a = cnp.PyArray_EMPTY(1, &n, cnp.NPY_FLOAT if dtype is float32_dtype else cnp.NPY_DOUBLE,
+                          0)
     store_channels(a, values, C)
-    return a.astype(dtype)
+    if dtype is float32_dtype or dtype is float64_dtype:
+        return a
+    return a.astype(dtype)   # float16, bfloat16, other byte orders
 
 
 # -- what a backward needs

@@ -109,9 +109,9 @@ def real_array(value, name):
     """A per-channel vector (weight, bias, statistics) as an ndarray holding
     real numbers (ints and floats, not bool); TypeError otherwise."""
     array = to_numpy(value)
-    if array.dtype.kind not in "fiu" or _is_bfloat16(array.dtype):
-        if _is_bfloat16(array.dtype):
-            return array.astype(np.float32)
+    if _is_bfloat16(array.dtype):
+        return array.astype(np.float32)
+    if array.dtype.kind not in "fiu":
         raise TypeError(f"{name} must hold real numbers, got dtype {array.dtype}")
     return array
 

@@ -23,10 +23,10 @@ from libc.string cimport memcmp, memcpy
 cdef class ChannelParams:
     """Float64 per-channel parameters of an inference call, as read-only (C,)
     arrays: ``mean``, ``invstd``, ``weight``, ``bias`` and
-    ``scale = invstd * weight``. ``stats`` is ``(mean, invstd, weight)``, what
-    backward needs. Built from float64 arrays of one length, copied."""
+    ``scale = invstd * weight``. Built from float64 arrays of one length,
+    copied."""
 
-    cdef readonly object mean, invstd, weight, bias, scale, stats
+    cdef readonly object mean, invstd, weight, bias, scale
     cdef readonly Py_ssize_t num_channels
     cdef const double* mean_p
     cdef const double* invstd_p
@@ -56,7 +56,6 @@ cdef class ChannelParams:
             sc[c] = inv[c] * w[c]
         for a in (self.mean, self.invstd, self.weight, self.bias, self.scale):
             a.flags.writeable = False
-        self.stats = (self.mean, self.invstd, self.weight)
         self.mean_p = <const double*>cnp.PyArray_DATA(<cnp.ndarray>self.mean)
         self.invstd_p = inv
         self.weight_p = w

@@ -191,15 +191,14 @@ cdef int output_for(View v, object out, tuple others, str name="out") except -1:
     ``others``) wholly or not at all: the kernels are elementwise, so writing
     over the very element just read is safe, but a shifted overlap would read
     written values."""
-    cdef View o = v
     cdef cnp.ndarray source = v.source
     kernel_data(v)  # every other check has passed: copy the input if need be
     if out is None:
         if v.converted_dtype is None or v.converted_dtype == v.data.dtype:
-            o.result = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(source), cnp.PyArray_DIMS(source),
+            v.result = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(source), cnp.PyArray_DIMS(source),
                                          v.b.typenum, 0)
         else:
-            o.result = numpy.empty(v.shape, dtype=v.result_dtype())
+            v.result = numpy.empty(v.shape, dtype=v.result_dtype())
     else:
         if not cnp.PyArray_Check(out):
             raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
@@ -222,14 +221,14 @@ cdef int output_for(View v, object out, tuple others, str name="out") except -1:
                     f"{name} partially overlaps an input; pass that input itself for "
                     "an in-place call, or a separate array"
                 )
-        o.result = out
-    o.convert = not (plain_float_array(o.result)
-                     and cnp.PyArray_TYPE(<cnp.ndarray>o.result) == v.b.typenum)
-    if o.convert:
-        o.kernel = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(source), cnp.PyArray_DIMS(source),
+        v.result = out
+    v.convert = not (plain_float_array(v.result)
+                     and cnp.PyArray_TYPE(<cnp.ndarray>v.result) == v.b.typenum)
+    if v.convert:
+        v.kernel = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(source), cnp.PyArray_DIMS(source),
                                      v.b.typenum, 0)
     else:
-        o.kernel = o.result
+        v.kernel = v.result
     return 0
 
 

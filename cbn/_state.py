@@ -54,12 +54,13 @@ def layout(found, owner):
     per-channel entry has the same length. The dtype is float64 when all the
     per-channel arrays are float64, else float32.
     """
-    for first, second in (("weight", "bias"), ("running_mean", "running_var")):
-        if second in found and first not in found:
-            raise ValueError(f"{owner}: {first!r} is missing (the state dict has "
-                             f"{sorted(found)})")
-    if "running_mean" in found and "running_var" not in found:
-        raise ValueError(f"{owner}: 'running_var' is missing (the state dict has "
+    missing = None
+    if "bias" in found and "weight" not in found:
+        missing = "weight"
+    elif ("running_mean" in found) != ("running_var" in found):
+        missing = "running_var" if "running_mean" in found else "running_mean"
+    if missing:
+        raise ValueError(f"{owner}: {missing!r} is missing (the state dict has "
                          f"{sorted(found)})")
     vectors = {key: value for key, value in found.items() if key != "num_batches_tracked"}
     if not vectors:

@@ -34,15 +34,18 @@ def set_thread_count(int n):
     configured_threads = n
 
 
-def thread_count():
+cdef inline int team_threads() noexcept nogil:
+    """The threads a parallel call uses: the setting, or OpenMP's default."""
     if configured_threads > 0:
         return configured_threads
     return min(cbn_max_threads(), <int>THREAD_CAP)
+
+
+def thread_count():
+    return team_threads()
 
 
 cdef int threads_for(Py_ssize_t num_elements) noexcept nogil:
     if num_elements < SERIAL_BELOW or not cbn_openmp_enabled():
         return 1
-    if configured_threads > 0:
-        return configured_threads
-    return min(cbn_max_threads(), <int>THREAD_CAP)
+    return team_threads()

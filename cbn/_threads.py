@@ -38,7 +38,6 @@ def get_num_threads() -> int:
     return kernels.thread_count()
 
 
-
 def _serial_after_fork():
     # libgomp's thread pool does not survive fork(): a child that starts a
     # parallel region hangs. Children of a fork (multiprocessing's default on

@@ -163,7 +163,7 @@ cdef bint same_dims(cnp.ndarray a, cnp.ndarray b) noexcept:
     return True
 
 
-cdef object view_like(object a, View v, str name, str of_what="input"):
+cdef object view_like(object a, View v, str name):
     """``a`` (a gradient, an output) of ``v``'s shape, as the kernels read it
     in ``v``'s kernel dtype."""
     if (plain_float_array(a) and cnp.PyArray_TYPE(<cnp.ndarray>a) == v.b.typenum
@@ -172,7 +172,7 @@ cdef object view_like(object a, View v, str name, str of_what="input"):
     array = _convert.input_array(a, name)[0]
     if array.shape != v.source.shape:
         raise ValueError(
-            f"{name} has shape {array.shape}, expected the {of_what}'s shape {v.source.shape}"
+            f"{name} has shape {array.shape}, expected the input's shape {v.source.shape}"
         )
     return _convert.kernel_layout(array, float32_dtype if v.b.typenum == cnp.NPY_FLOAT
                                   else float64_dtype)
