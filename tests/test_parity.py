@@ -277,3 +277,20 @@ def test_channel_count_and_axis_are_read_only(make):
     with pytest.raises(AttributeError):
         layer.axis = 0
     assert (layer.num_features, layer.axis) == (3, 1)
+
+
+@needs_torch
+@pytest.mark.parametrize("momentum", [None, 0.1])
+def test_an_empty_batch_counts_as_in_torch(rng, momentum):
+    module = torch.nn.BatchNorm1d(3, momentum=momentum)
+    layer = cbn.BatchNorm1d.from_torch(module)
+    batches = [np.empty((0, 3), np.float32), make_input(rng, (8, 3), 1, np.float32),
+               np.empty((0, 3), np.float32), make_input(rng, (5, 3), 1, np.float32)]
+    for x in batches:
+        module(torch.from_numpy(x))
+        layer(x)
+        assert layer.num_batches_tracked == int(module.num_batches_tracked)
+        assert_close(layer.running_mean, module.running_mean.numpy(), kind="stats",
+                     dtype=np.float32)
+        assert_close(layer.running_var, module.running_var.numpy(), kind="stats",
+                     dtype=np.float32)
