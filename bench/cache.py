@@ -16,19 +16,31 @@ import numpy as np
 DEFAULT_BYTES = 64 << 20  # when the cache size cannot be read
 
 
-def last_level_cache_bytes():
-    """Size of the largest cache level of CPU 0 (Linux sysfs), or None."""
+def _size_bytes(text):
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+def cache_sizes():
+    """{"L1d": bytes, "L2": bytes, "L3": bytes, ...}: the data and unified
+    caches of CPU 0 (Linux sysfs); empty where sysfs does not say."""
     sizes = {}
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
             level = int((index / "level").read_text())
-            text = (index / "size").read_text().strip()
-        except (OSError, ValueError):
+            kind = (index / "type").read_text().strip()
+            size = _size_bytes((index / "size").read_text().strip())
+        except (OSError, ValueError, IndexError):
             continue
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-        size = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
-        sizes[level] = size
-    return sizes[max(sizes)] if sizes else None
+        if kind != "Instruction":
+            sizes[f"L{level}{'d' if kind == 'Data' else ''}"] = size
+    return dict(sorted(sizes.items()))
+
+
+def last_level_cache_bytes():
+    """Size of the largest cache level of CPU 0 (Linux sysfs), or None."""
+    sizes = cache_sizes()
+    return sizes[max(sizes, key=lambda name: int(name[1]))] if sizes else None
 
 
 class CacheFlush:

@@ -14,8 +14,9 @@ import cbn
 Params = namedtuple("Params", "weight bias running_mean running_var")
 
 
-def call(op, x, dy, params, axis, out=None):
-    """cbn's call for ``op`` ("train forward", "inference" or "backward")."""
+def call(op, x, dy, params, axis, out=None, activation=None):
+    """cbn's call for ``op`` ("train forward", "inference" or "backward");
+    ``activation="relu"`` fuses a ReLU into inference."""
     weight, bias = params.weight, params.bias
     if op == "train forward":
         running_mean, running_var = params.running_mean.copy(), params.running_var.copy()
@@ -23,7 +24,8 @@ def call(op, x, dy, params, axis, out=None):
                                       training=True, axis=axis, out=out)
     if op == "inference":
         return lambda: cbn.batch_norm(x, params.running_mean, params.running_var,
-                                      weight, bias, axis=axis, out=out)
+                                      weight, bias, axis=axis, out=out,
+                                      activation=activation)
     _, save_mean, save_invstd = cbn.batch_norm_forward(x, weight, bias, axis=axis)
     return lambda: cbn.batch_norm_backward(dy, x, save_mean, save_invstd, weight,
                                            axis=axis, out=out)

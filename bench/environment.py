@@ -1,18 +1,19 @@
-"""Facts about the run for the report's header: versions, CPU, threads, build."""
+"""Facts about the run for the report's header: versions, CPU, caches,
+threads, build, and the load before the start."""
 import contextlib
 import io
 import os
 import platform
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 import cbn
 
-from . import torch_ops
-from .cache import last_level_cache_bytes
+from . import peers, torch_ops
+from .cache import cache_sizes, last_level_cache_bytes
+from .load import quiet_check
 
 
 def cpu_model():
@@ -57,7 +58,10 @@ def show_config():
         try:
             os.dup2(captured.fileno(), 1)
             with contextlib.redirect_stdout(text):
-                returned = show()
+                try:
+                    returned = show()
+                except Exception as error:  # a build in flux must not stop the run
+                    returned = f"cbn.show_config() failed: {error!r}"
         finally:
             sys.stdout.flush()
             os.dup2(saved, 1)
@@ -69,44 +73,15 @@ def show_config():
     return printed.rstrip("\n")
 
 
-class CpuLoad:
-    """CPU used by other processes, and stolen by the hypervisor, while the
-    benchmark runs: the machine's busy time from /proc/stat minus this
-    process's own CPU time. :meth:`lap` gives the averages, in CPUs, since the
-    last lap; None where /proc/stat does not exist. The kernel counts in ticks
-    of 10 ms, so averages over less than a second are rough."""
-
-    def __init__(self):
-        self._last = self._sample()
-
-    @staticmethod
-    def _sample():
-        try:
-            with open("/proc/stat") as stat:
-                fields = [int(value) for value in stat.readline().split()[1:9]]
-        except (OSError, ValueError):
-            return None
-        user, nice, system, idle, iowait, irq, softirq, steal = fields
-        ticks = os.sysconf("SC_CLK_TCK")
-        own = os.times()
-        return (time.perf_counter(), (user + nice + system + irq + softirq) / ticks,
-                steal / ticks, own.user + own.system)
-
-    def lap(self):
-        now, last = self._sample(), self._last
-        self._last = now
-        if now is None or last is None or now[0] <= last[0]:
-            return None
-        wall, busy, steal, own = (a - b for a, b in zip(now, last))
-        return {"other_cpus": max(0.0, (busy - own) / wall), "steal_cpus": steal / wall,
-                "seconds": wall}
-
-
-def quiet_check(seconds=0.5):
-    """CPU load of other processes over a short idle wait before the run."""
-    load = CpuLoad()
-    time.sleep(seconds)
-    return load.lap()
+def blas():
+    """NumPy's BLAS libraries and their thread counts (threadpoolctl, optional)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    return [f"{info['internal_api']} {info.get('version') or ''} "
+            f"({info['num_threads']} threads)".replace("  ", " ")
+            for info in threadpool_info() if info["user_api"] == "blas"]
 
 
 def describe(threads):
@@ -116,11 +91,14 @@ def describe(threads):
         "cbn_path": os.path.dirname(os.path.abspath(cbn.__file__)),
         "numpy": np.__version__,
         "torch": torch_ops.version(),
+        "peers": peers.versions(),
+        "blas": blas(),
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpu": cpu_model(),
         "cpu_simd": cpu_simd(),
         "logical_cpus": os.cpu_count(),
+        "caches": cache_sizes(),
         "last_level_cache_bytes": last_level_cache_bytes(),
         "threads": threads,
         "load_before_start": quiet_check(),

@@ -16,6 +16,7 @@ import numpy as np
 
 import cbn
 
+from .load import CpuLoad
 from .timing import _GcPaused
 
 CALLS = 2000  # calls per sample, shared among the threads
@@ -52,10 +53,9 @@ def _model(form, num_features, rng):
     return layer if form == "layer" else layer.freeze()
 
 
-def run(cases, samples):
+def run(cases, samples, cbn_threads=None):
     """One row per (form, shape) of ``cases``: seconds per call with one and
     with two Python threads, and the speed-up."""
-    restore = cbn.get_num_threads()
     rng = np.random.default_rng(20261123)
     rows = []
     cbn.set_num_threads(1)
@@ -65,6 +65,7 @@ def run(cases, samples):
             xs = [rng.standard_normal(shape).astype(np.float32) for _ in range(2)]
             outs = [np.empty_like(x) for x in xs]
             times = {1: [], 2: []}
+            load = CpuLoad()
             with _GcPaused():
                 _wall_seconds(model, xs, outs, 2)  # warm-up
                 for _ in range(samples):
@@ -73,7 +74,7 @@ def run(cases, samples):
             one, two = (float(np.median(times[n])) / CALLS for n in (1, 2))
             rows.append({"name": f"python threads {form} {'x'.join(map(str, shape))}",
                          "form": form, "shape": list(shape), "seconds": [one, two],
-                         "speedup": one / two})
+                         "speedup": one / two, "machine_load": load.lap()})
     finally:
-        cbn.set_num_threads(restore)
+        cbn.set_num_threads(cbn_threads)
     return rows

@@ -11,6 +11,7 @@ import cbn
 
 from . import cbn_calls
 from .cases import SCALING_THREADS, scaling_name
+from .load import CpuLoad
 from .suite import make_data
 from .timing import per_call
 
@@ -22,10 +23,9 @@ def _results(call, threads):
     return [np.array(a, copy=True) for a in (result if isinstance(result, tuple) else (result,))]
 
 
-def run(cases_ops, samples, sample_seconds):
+def run(cases_ops, samples, sample_seconds, cbn_threads=None):
     """One row per (case, op) of ``cases_ops``: seconds per call at each thread
     count of SCALING_THREADS, and whether the results were bit-identical."""
-    restore = cbn.get_num_threads()
     rng = np.random.default_rng(20261124)
     rows = []
     try:
@@ -41,14 +41,15 @@ def run(cases_ops, samples, sample_seconds):
                                 for a, b in zip(checks[0], other))
                 call = cbn_calls.call(op, x, dy, params, case.axis, out=out)
                 setups = [lambda n=n: cbn.set_num_threads(n) for n in SCALING_THREADS]
+                load = CpuLoad()
                 seconds = per_call([call] * len(setups), samples, sample_seconds, setups)
                 rows.append({
                     "name": scaling_name(case, op), "shape": list(case.shape),
                     "layout": case.layout, "dtype": case.dtype_name, "op": op,
                     "threads": list(SCALING_THREADS), "seconds": seconds,
                     "speedup": seconds[0] / seconds[-1],
-                    "identical": identical,
+                    "identical": identical, "machine_load": load.lap(),
                 })
     finally:
-        cbn.set_num_threads(restore)
+        cbn.set_num_threads(cbn_threads)
     return rows

@@ -9,6 +9,7 @@ import numpy as np
 
 from . import cbn_calls, numpy_formula, torch_ops
 from .cases import Case, small_call_name
+from .load import CpuLoad
 from .suite import make_data
 from .timing import per_call
 
@@ -36,12 +37,13 @@ def run(small_calls, samples, sample_seconds):
     rows = []
     for call in small_calls:
         calls = _calls(call, rng)
+        load = CpuLoad()
         medians = dict(zip(calls, per_call(list(calls.values()), samples, sample_seconds)))
         rows.append({
             "name": small_call_name(call), "form": call.form, "op": call.op,
             "shape": list(call.shape), "dtype": "float32",
             "seconds": {"cbn": medians["cbn"], "numpy": medians["numpy"],
                         "torch": medians.get("torch")},
-            "target_us": call.target_us,
+            "target_us": call.target_us, "machine_load": load.lap(),
         })
     return rows

@@ -1,20 +1,29 @@
 """The performance targets of the issue, checked against a run's results.
 
 Each target comes back as a dict: what is required, the measured value, and
-its status: PASS, FAIL, or SKIP when the run has nothing to judge it by
-(e.g. no large arrays in ``--quick``, PyTorch not installed, a filter).
-Checks of the benchmark itself (kind "check") are reported beside the
-targets but not counted among them.
+its status: PASS or FAIL; SKIP when the run has nothing to judge it by (a
+filter, a runtime not installed); N/A in ``--quick`` for targets about the
+full suite's cases, which the quick run's small arrays cannot stand in for.
+Each value says how many of the rows it judged were timed under load (the
+rows marked * in the tables). Checks of the benchmark itself (kind "check")
+are reported beside the targets but not counted among them.
 """
 import statistics
 
-from .cases import OPS, SCALING_TARGET
+from .cases import LAYOUT_AXIS, OPS, SCALING_TARGET
+from .default_threads import LIMIT as DEFAULT_THREADS_LIMIT
+from .default_threads import SCENARIOS as DEFAULT_THREADS_SCENARIOS
+from .load import loaded
+from .peers import names as peer_names
 
-# cbn(out=) time / copy time on large arrays, at most.
+# cbn(out=) time / copy time, at most: on large arrays (beyond the L3) and on
+# cache-resident ones (at one thread and at the run's thread count).
 COPY_LIMITS = {"train forward": 1.7, "inference": 1.2, "backward": 2.8}
+RESIDENT_LIMITS = {"train forward": 2.2, "inference": 1.3, "backward": 3.2}
 # Median speed-up of cbn's default call over the suite, at least.
 TORCH_MEDIAN = {"train forward": 2.0, "inference": 2.0, "backward": 2.0}
 NUMPY_MEDIAN = {"train forward": 6.0, "inference": 3.0, "backward": 6.0}
+QUICK_NA = "N/A in --quick (needs the full suite's cases)"
 
 
 def _target(requirement, status, value, kind="target"):
@@ -23,6 +32,22 @@ def _target(requirement, status, value, kind="target"):
 
 def _passes(ok):
     return "PASS" if ok else "FAIL"
+
+
+def _loaded_note(rows):
+    under = sum(loaded(row.get("machine_load")) for row in rows)
+    return f"; {under} of {len(rows)} rows timed under load (*)" if under else ""
+
+
+def _judged(requirement, rows, failed, worst, describe):
+    """A target over ``rows``: FAIL when any row ``failed``; the value names
+    the ``worst`` row (a key function) with ``describe(row)``."""
+    if not rows:
+        return _target(requirement, "SKIP", "no rows in this run")
+    over = [row for row in rows if failed(row)]
+    return _target(requirement, _passes(not over),
+                   f"{len(over)} of {len(rows)} miss; worst {describe(max(rows, key=worst))}"
+                   + _loaded_note(rows))
 
 
 def median_of(rows, key):
@@ -49,61 +74,89 @@ def summary(rows):
     return result
 
 
-def _copy_targets(rows):
+def _speedup(row, peer):
+    return row["speedup_torch"] if peer == "torch" else row["speedup_peers"].get(peer)
+
+
+def _faster_than(rows, op, peer, label, installed):
+    requirement = f"{op}: faster than {label} on every case"
+    if not installed:
+        return _target(requirement, "SKIP", f"{label} not installed")
+    of_op = [row for row in rows if row["op"] == op]
+    timed = [row for row in of_op if _speedup(row, peer) is not None]
+    target = _judged(requirement, timed, lambda row: _speedup(row, peer) < 1,
+                     lambda row: -_speedup(row, peer),
+                     lambda row: f"{_speedup(row, peer):.2f}x ({row['case']})")
+    not_applicable = sum(peer in row["unsupported"] for row in of_op)
+    if not_applicable:
+        target["value"] += f"; n/a on {not_applicable} cases"
+    return target
+
+
+def _peer_targets(rows, installed):
+    labels = {"torch": "PyTorch", **peer_names(),
+              "openvino_relu": "OpenVINO's fused BN+ReLU, both with ReLU"}
+    for peer, label in labels.items():
+        present = installed.get(peer.removesuffix("_relu"), False)
+        yield _faster_than(rows, "inference", peer, label, present)
+    for op in ("train forward", "backward"):
+        yield _faster_than(rows, op, "torch", "PyTorch", installed.get("torch", False))
+
+
+def _median_targets(rows, by_op, key, limits, label):
+    for op, limit in limits.items():
+        requirement = f"{op}: median speed-up over {label} >= {limit:g}x"
+        median = by_op.get(op, {}).get(key)
+        if median is None:
+            yield _target(requirement, "SKIP", f"{label} not timed or op not run")
+        else:
+            of_op = [row for row in rows if row["op"] == op]
+            yield _target(requirement, _passes(median >= limit),
+                          f"{median:.2f}x" + _loaded_note(of_op))
+
+
+def _copy_ratio_target(requirement, rows, key, limit):
+    timed = [row for row in rows if row.get(key) is not None]
+    return _judged(requirement, timed, lambda row: row[key] > limit, lambda row: row[key],
+                   lambda row: f"{row[key]:.2f} ({row['case']})")
+
+
+def _resident_targets(rows, threads):
+    for op, limit in RESIDENT_LIMITS.items():
+        resident = [row for row in rows if row["op"] == op and row["resident"]]
+        for key, count in (("copy_ratio_1thread", 1), ("copy_ratio", threads)):
+            yield _copy_ratio_target(
+                f"{op}: cbn(out=) / copy <= {limit:g}, cache-resident, {count} "
+                f"thread{'s' if count > 1 else ''}", resident, key, limit)
+
+
+def _large_targets(rows):
+    every = {(layout, dtype) for layout in LAYOUT_AXIS for dtype in ("float32", "float64")}
     for op, limit in COPY_LIMITS.items():
-        requirement = f"{op}: cbn(out=) / copy <= {limit} on large arrays"
         large = [row for row in rows if row["op"] == op and row["large"]]
-        if not large:
-            yield _target(requirement, "SKIP", "no large arrays in this run")
-            continue
-        worst = max(large, key=lambda row: row["copy_ratio"])
-        over = sum(row["copy_ratio"] > limit for row in large)
-        yield _target(requirement, _passes(not over),
-                      f"worst {worst['copy_ratio']:.2f} ({worst['name']}); "
-                      f"{over} of {len(large)} over")
+        target = _copy_ratio_target(f"{op}: cbn(out=) / copy <= {limit:g} on large arrays",
+                                    large, "copy_ratio", limit)
+        missing = every - {(row["layout"], row["dtype"]) for row in large}
+        if large and missing:
+            target["value"] += "; no large " + ", ".join(sorted(" ".join(m) for m in missing))
+        yield target
 
 
-def _torch_targets(rows, by_op):
-    requirement = "faster than PyTorch on every case"
-    timed = [row for row in rows if row["speedup_torch"] is not None]
-    if not timed:
-        yield _target(requirement, "SKIP", "PyTorch not timed")
-    else:
-        slowest = min(timed, key=lambda row: row["speedup_torch"])
-        slower = sum(row["speedup_torch"] < 1 for row in timed)
-        yield _target(requirement, _passes(not slower),
-                      f"{slower} of {len(timed)} slower; lowest "
-                      f"{slowest['speedup_torch']:.2f}x ({slowest['name']})")
-    for op, limit in TORCH_MEDIAN.items():
-        requirement = f"{op}: median speed-up over PyTorch >= {limit:g}x"
-        median = by_op.get(op, {}).get("speedup_torch")
-        if median is None:
-            yield _target(requirement, "SKIP", "not run" if timed else "PyTorch not timed")
-        else:
-            yield _target(requirement, _passes(median >= limit), f"{median:.2f}x")
-
-
-def _numpy_targets(by_op):
-    for op, limit in NUMPY_MEDIAN.items():
-        requirement = f"{op}: median speed-up over NumPy >= {limit:g}x"
-        median = by_op.get(op, {}).get("speedup_numpy")
-        if median is None:
-            yield _target(requirement, "SKIP", "not run")
-        else:
-            yield _target(requirement, _passes(median >= limit), f"{median:.2f}x")
-
-
-def _small_call_targets(small_rows):
-    for row in small_rows:
-        microseconds = row["seconds"]["cbn"] * 1e6
-        yield _target(f"{row['name']}: under {row['target_us']:g} us",
-                      _passes(microseconds < row["target_us"]), f"{microseconds:.2f} us")
+def _default_thread_targets(rows):
+    for scenario in DEFAULT_THREADS_SCENARIOS:
+        of_scenario = [row for row in rows if row["scenario"] == scenario]
+        yield _judged(
+            f"default threads no more than {DEFAULT_THREADS_LIMIT - 1:.0%} slower than 1 "
+            f"thread, {scenario}", of_scenario,
+            lambda row: row["ratio"] > DEFAULT_THREADS_LIMIT, lambda row: row["ratio"],
+            lambda row: f"{row['ratio']:.2f} ({row['case']} {row['op']})")
 
 
 def _scaling_targets(scaling_rows):
     for row in scaling_rows:
         yield _target(f"{row['name']}: 2 threads >= {SCALING_TARGET:g}x 1 thread",
-                      _passes(row["speedup"] >= SCALING_TARGET), f"{row['speedup']:.2f}x")
+                      _passes(row["speedup"] >= SCALING_TARGET),
+                      f"{row['speedup']:.2f}x" + _loaded_note([row]))
     if scaling_rows:
         different = [row["name"] for row in scaling_rows if not row["identical"]]
         yield _target("results bit-identical at 1 and 2 threads",
@@ -111,6 +164,44 @@ def _scaling_targets(scaling_rows):
                       f"{len(scaling_rows) - len(different)} of {len(scaling_rows)} "
                       "calls identical" + (f"; differ: {', '.join(different)}"
                                             if different else ""))
+
+
+PIPELINE_WAYS = ("fused", "frozen")
+PIPELINE_BATCHES = (32, 256)
+
+
+def _pipeline_targets(pipeline):
+    """Per import order and scenario: the fused and frozen ways faster than
+    PyTorch eager at batch 32 and 256."""
+    for order, result in pipeline.items():
+        scenarios = sorted({row["scenario"] for row in result.get("rows", [])}) or ["-"]
+        for scenario in scenarios:
+            requirement = (f"pipeline, {order}, {scenario}: fused and frozen faster than "
+                           "PyTorch at batch 32 and 256")
+            if "error" in result or "skipped" in result:
+                yield _target(requirement, "SKIP" if "skipped" in result else "FAIL",
+                              result.get("skipped") or result["error"])
+                continue
+            rows = [row for row in result["rows"] if row["scenario"] == scenario
+                    and row["batch"] in PIPELINE_BATCHES and "PyTorch" in row["seconds"]]
+            pairs = [(row, way, row["seconds"]["PyTorch"] / row["seconds"][way])
+                     for row in rows for way in PIPELINE_WAYS]
+            if not pairs:
+                yield _target(requirement, "SKIP", "PyTorch or the batch sizes not run")
+                continue
+            slower = sum(speedup < 1 for _, _, speedup in pairs)
+            row, way, lowest = min(pairs, key=lambda pair: pair[2])
+            yield _target(requirement, _passes(not slower),
+                          f"{slower} of {len(pairs)} slower; lowest {lowest:.2f}x "
+                          f"({way}, batch {row['batch']})" + _loaded_note(rows))
+
+
+def _small_call_targets(small_rows):
+    for row in small_rows:
+        microseconds = row["seconds"]["cbn"] * 1e6
+        yield _target(f"{row['name']}: under {row['target_us']:g} us",
+                      _passes(microseconds < row["target_us"]),
+                      f"{microseconds:.2f} us" + _loaded_note([row]))
 
 
 def _copy_check(rows):
@@ -127,9 +218,26 @@ def _copy_check(rows):
                     f"{statistics.median(cases.values()):.2f}x", kind="check")]
 
 
-def evaluate(rows, small_rows, scaling_rows):
-    """Every target (and check), in the issue's order."""
+def _not_applicable(targets):
+    for target in targets:
+        yield dict(target, status="N/A", value=QUICK_NA)
+
+
+def evaluate(results, quick=False, installed=None):
+    """Every target (and check) of a run's ``results`` (the JSON dict's parts:
+    suite, small_calls, thread_scaling, default_threads, pipeline), in the
+    issue's order. ``installed``: {peer key or "torch": bool}."""
+    rows = results.get("suite", [])
+    installed = installed or {}
+    threads = results.get("options", {}).get("threads", 2)
     by_op = summary(rows)
-    return [*_copy_targets(rows), *_torch_targets(rows, by_op), *_numpy_targets(by_op),
-            *_small_call_targets(small_rows), *_scaling_targets(scaling_rows),
-            *_copy_check(rows)]
+    full_suite = [*_peer_targets(rows, installed),
+                  *_median_targets(rows, by_op, "speedup_torch", TORCH_MEDIAN, "PyTorch"),
+                  *_median_targets(rows, by_op, "speedup_numpy", NUMPY_MEDIAN, "NumPy"),
+                  *_resident_targets(rows, threads), *_large_targets(rows),
+                  *_default_thread_targets(results.get("default_threads", []))]
+    if quick:
+        full_suite = list(_not_applicable(full_suite))
+    return [*full_suite, *_scaling_targets(results.get("thread_scaling", [])),
+            *_pipeline_targets(results.get("pipeline", {})),
+            *_small_call_targets(results.get("small_calls", [])), *_copy_check(rows)]

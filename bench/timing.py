@@ -42,39 +42,57 @@ def interleaved(functions, repeats, before_each=None):
     return [statistics.median(times) for times in samples]
 
 
-def _loops_for(function, setup, seconds):
-    """Calls per sample so that one sample lasts about ``seconds``."""
+def _sample(function, count, before_each=None):
+    """Seconds spent in ``count`` calls of ``function``; with ``before_each``,
+    that is called before each call, outside the clock (calls timed one by
+    one, so the clock's own cost, about 0.1 us, is in each)."""
+    if before_each is None:
+        start = time.perf_counter()
+        for _ in range(count):
+            function()
+        return time.perf_counter() - start
+    spent = 0.0
+    for _ in range(count):
+        before_each()
+        start = time.perf_counter()
+        function()
+        spent += time.perf_counter() - start
+    return spent
+
+
+def _loops_for(function, setup, seconds, before_each=None):
+    """Calls per sample so that one sample lasts about ``seconds`` (of wall
+    time, ``before_each`` included)."""
     if setup is not None:
         setup()
     loops = 1
     while True:
         start = time.perf_counter()
-        for _ in range(loops):
-            function()
-        if time.perf_counter() - start >= seconds / 4 or loops >= 1 << 24:
-            return max(1, int(loops * seconds / max(time.perf_counter() - start, 1e-9)))
+        _sample(function, loops, before_each)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds / 4 or loops >= 1 << 24:
+            return max(1, int(loops * seconds / max(elapsed, 1e-9)))
         loops *= 4
 
 
-def per_call(functions, samples, sample_seconds, setups=None):
+def per_call(functions, samples, sample_seconds, setups=None, before_each=None):
     """Median seconds per call of each function, for calls of microseconds.
 
     Like ``timeit``: a sample is a loop of many calls, sized so that it lasts
     about ``sample_seconds``; samples of the functions are interleaved round
     by round. ``setups`` (optional, one per function, or None) are called
     before each of that function's samples, outside the clock (e.g. to set
-    the thread count).
+    the thread count); ``before_each`` before every call, outside the clock
+    (e.g. the matrix product a pipeline runs between batch norms).
     """
     setups = setups or [None] * len(functions)
     with _GcPaused():
-        loops = [_loops_for(f, s, sample_seconds) for f, s in zip(functions, setups)]
+        loops = [_loops_for(f, s, sample_seconds, before_each)
+                 for f, s in zip(functions, setups)]
         times = [[] for _ in functions]
         for _ in range(samples):
             for function, setup, count, kept in zip(functions, setups, loops, times):
                 if setup is not None:
                     setup()
-                start = time.perf_counter()
-                for _ in range(count):
-                    function()
-                kept.append((time.perf_counter() - start) / count)
+                kept.append(_sample(function, count, before_each) / count)
     return [statistics.median(kept) for kept in times]
