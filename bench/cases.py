@@ -38,6 +38,11 @@ class Case(namedtuple("Case", "shape layout dtype")):
         return self.shape[self.axis]
 
     @property
+    def ops(self):
+        """The ops of OPS that apply: training needs more than one value per channel."""
+        return OPS if int(np.prod(self.shape)) > self.channels else ("inference",)
+
+    @property
     def dtype_name(self):
         return np.dtype(self.dtype).name
 

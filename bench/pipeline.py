@@ -60,9 +60,10 @@ def _checked(runs, batch, rng, inputs):
                                  f"(max {float(np.max(np.abs(y - expected))):.3g})")
 
 
-def measure(batch_sizes, batches, rounds, threads=None, scenarios=SCENARIOS):
+def measure(batches, rounds, threads=None, scenarios=SCENARIOS):
     """{"rows": [...], "ways": [...], "notes": [...]}: one row per (batch
-    size, scenario) with the median seconds per batch of every way."""
+    size, scenario) with the median seconds per batch of every way.
+    ``batches``: [(batch size, batches per stream)]."""
     example = load_example()
     cbn.set_num_threads(threads)
     threads = cbn.get_num_threads()
@@ -83,17 +84,17 @@ def measure(batch_sizes, batches, rounds, threads=None, scenarios=SCENARIOS):
     blocks = peer_blocks(network)
     rng = np.random.default_rng(example.SEED)
     rows = []
-    for batch in batch_sizes:
+    for batch, stream in batches:
         batch_runs = dict(runs, **{name: module.network(blocks, batch, threads)
                                    for name, module in peers.items()})
         _checked(batch_runs, batch, rng, example.SIZES[0])
         for scenario in scenarios:
             with BusyCore() if scenario == "busy core" else contextlib.nullcontext():
                 load = CpuLoad()
-                seconds = example.time_streams(batch_runs, batch, batches, rng, rounds)
-                rows.append({"batch": batch, "scenario": scenario, "seconds": seconds,
-                             "machine_load": load.lap()})
+                seconds = example.time_streams(batch_runs, batch, stream, rng, rounds)
+                rows.append({"batch": batch, "batches": stream, "scenario": scenario,
+                             "seconds": seconds, "machine_load": load.lap()})
             print(f"pipeline batch {batch}, {scenario}: done", file=sys.stderr, flush=True)
-    return {"rows": rows, "ways": list(batch_runs), "threads": threads,
+    return {"rows": rows, "ways": list(batch_runs), "threads": threads, "rounds": rounds,
             "sizes": list(example.SIZES), "notes": notes}
 

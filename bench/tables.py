@@ -176,9 +176,10 @@ def default_threads_table(rows, samples):
     return ("The default thread setting (cbn.set_num_threads(None): "
             f"{count} threads) against one thread: float32, out=,\n"
             f"microseconds per call, median of {samples} samples of each setting, "
-            "alternating. matmul pipeline: a\nmultithreaded NumPy matrix product before each "
-            "call (outside the clock); busy core: another process\nspinning on one core "
-            "(its CPU time is not counted as load)\n" + _starred(headers, body, rows, left=4))
+            "alternating.\n    between matmuls: a multithreaded NumPy matrix product "
+            "before each call (outside the clock);\n    busy core: another process "
+            "spinning on one core (its CPU time is not counted as load)\n"
+            + _starred(headers, body, rows, left=4))
 
 
 def python_threads_table(rows, samples):
@@ -190,32 +191,35 @@ def python_threads_table(rows, samples):
             + _starred(headers, body, rows, left=2))
 
 
-def pipeline_table(pipeline, batches, rounds):
+def pipeline_table(pipeline):
     parts = []
     for order, result in pipeline.items():
         if "error" in result or "skipped" in result:
             parts.append(f"  {order}: {result.get('skipped') or 'FAILED: ' + result['error']}")
             continue
         ways = result["ways"]
-        headers = ["batch", "scenario", *ways, "xPyTorch fused", "frozen"]
+        headers = ["batch", "stream", "scenario", *ways, "xPyTorch fused", "frozen"]
         body = []
         for row in result["rows"]:
             torch = row["seconds"].get("PyTorch")
             speedups = [_times(None if torch is None else torch / row["seconds"][way])
                         for way in ("fused", "frozen")]
-            body.append([row["batch"], row["scenario"],
+            body.append([row["batch"], f"{result['rounds']}x{row['batches']}", row["scenario"],
                          *[_us(row["seconds"][way]) for way in ways], *speedups])
         parts.append(f"  {order} (imported in that order in a fresh process)"
                      + "".join(f"; {note}" for note in result["notes"]) + "\n"
-                     + _starred(headers, body, result["rows"], left=2))
+                     + _starred(headers, body, result["rows"], left=3))
     sizes = next((result["sizes"] for result in pipeline.values() if "sizes" in result), [])
-    return ("Pipeline: dense -> batch norm -> ReLU, three blocks "
-            f"({' -> '.join(map(str, sizes))} features), float32, microseconds per batch\n"
-            f"(median of {rounds} rounds of {batches} batches, ways interleaved). plain: "
-            "eval layer then np.maximum;\nfused: activation='relu'; frozen: layer.freeze(); "
-            "folded: BN folded into the dense weights;\nPyTorch: eager, grad off; ONNX "
-            "Runtime and OpenVINO: the whole model. busy core: another\nprocess spinning on "
-            "one core. xPyTorch: PyTorch's time / the way's.\n" + "\n".join(parts))
+    legend = textwrap.dedent(f"""\
+        Pipeline: dense -> batch norm -> ReLU, three blocks ({' -> '.join(map(str, sizes))}
+        features), float32, microseconds per batch: the median over rounds of a stream of
+        batches (stream: rounds x batches), the ways interleaved in each round.
+            plain: eval layer then np.maximum; fused: activation="relu"; frozen:
+            layer.freeze(); folded: BN folded into the dense weights; PyTorch: eager, grad
+            off; ONNX Runtime and OpenVINO: the whole model. busy core: another process
+            spinning on one core. xPyTorch: PyTorch's time / the way's.
+        """)
+    return legend + "\n".join(parts)
 
 
 def summary_table(by_op):

@@ -183,7 +183,7 @@ def test_runtimes_not_installed_are_skipped():
 def test_default_thread_targets_allow_ten_percent():
     rows = [{"scenario": scenario, "case": "32x256 NC float32", "op": "inference",
              "ratio": ratio, "machine_load": QUIET}
-            for scenario, ratio in (("quiet", 1.05), ("matmul pipeline", 1.12),
+            for scenario, ratio in (("quiet", 1.05), ("between matmuls", 1.12),
                                     ("busy core", 0.9))]
     checked = targets.evaluate({"default_threads": rows})
     statuses = [t["status"] for t in _by_requirement(checked, "default threads")]
@@ -455,7 +455,7 @@ def test_thread_rows_and_pipeline_are_timed(quick_run):
         ("function", "train forward"), ("function", "backward")}
     assert {row["op"] for row in results["thread_scaling"]} == OPS
     default = results["default_threads"]
-    assert {row["scenario"] for row in default} == {"quiet", "matmul pipeline", "busy core"}
+    assert {row["scenario"] for row in default} == {"quiet", "between matmuls", "busy core"}
     for row in default:
         assert all(_positive(seconds) for seconds in row["seconds"].values())
     assert results["python_threads"]
