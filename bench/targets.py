@@ -78,8 +78,8 @@ def _speedup(row, peer):
     return row["speedup_torch"] if peer == "torch" else row["speedup_peers"].get(peer)
 
 
-def _faster_than(rows, op, peer, label, installed):
-    requirement = f"{op}: faster than {label} on every case"
+def _faster_than(rows, op, peer, label, installed, what=None):
+    requirement = f"{what or op}: faster than {label} on every case"
     if not installed:
         return _target(requirement, "SKIP", f"{label} not installed")
     of_op = [row for row in rows if row["op"] == op]
@@ -94,11 +94,10 @@ def _faster_than(rows, op, peer, label, installed):
 
 
 def _peer_targets(rows, installed):
-    labels = {"torch": "PyTorch", **peer_names(),
-              "openvino_relu": "OpenVINO's fused BN+ReLU, both with ReLU"}
-    for peer, label in labels.items():
-        present = installed.get(peer.removesuffix("_relu"), False)
-        yield _faster_than(rows, "inference", peer, label, present)
+    for peer, label in {"torch": "PyTorch", **peer_names()}.items():
+        yield _faster_than(rows, "inference", peer, label, installed.get(peer, False))
+    yield _faster_than(rows, "inference", "openvino_relu", "OpenVINO's fused BN+ReLU",
+                       installed.get("openvino", False), what="inference + ReLU")
     for op in ("train forward", "backward"):
         yield _faster_than(rows, op, "torch", "PyTorch", installed.get("torch", False))
 
