@@ -5,7 +5,7 @@ Environment switches (read at build time):
                        and initializedcheck on. This checks memoryview indexing
                        (per-channel vectors); the hot loops walk raw pointers,
                        which it does not check (a sanitizer build would).
-    CBN_NO_OPENMP=1    build serial even where OpenMP is available.
+    CBN_NO_THREADS=1   build the kernels without their thread pool (serial).
     CBN_NO_SIMD=1      build only the baseline kernels (no AVX2/AVX-512 builds).
     CBN_SANITIZE=1     build with AddressSanitizer and UndefinedBehaviorSanitizer
                        (-fsanitize=address,undefined, any error fatal); run
@@ -13,11 +13,7 @@ Environment switches (read at build time):
 """
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import sysconfig
-import tempfile
 import warnings
 
 import numpy
@@ -29,51 +25,17 @@ def env_flag(name):
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def openmp_flags():
-    """Compile and link a tiny OpenMP program; return the flags if it works.
+def thread_flags():
+    """Compile flags for the kernels' thread pool (_pool.h, POSIX threads).
 
-    Where it fails (a compiler without OpenMP, e.g. Apple clang) the build goes
-    on serial: Cython's prange then compiles to a plain loop.
+    CBN_NO_THREADS=1 builds the kernels without it: every call then runs on
+    the calling thread.
     """
-    if env_flag("CBN_NO_OPENMP"):
-        warnings.warn("cbn: CBN_NO_OPENMP is set; building the kernels serial.",
+    if env_flag("CBN_NO_THREADS"):
+        warnings.warn("cbn: CBN_NO_THREADS is set; building the kernels serial.",
                       stacklevel=2)
-        return []
-    if sys.platform == "win32":
-        return ["/openmp"]  # MSVC always has it
-    # The compiler setuptools will use: $CC, else the one Python was built with.
-    compiler = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    compiler = compiler.split()[0]
-    flag = "-fopenmp"
-    source = (
-        "#include <omp.h>\n"
-        "int main(void) {\n"
-        "    int n = 0;\n"
-        "    #pragma omp parallel reduction(+:n)\n"
-        "    n += 1;\n"
-        "    return omp_get_max_threads() > 0 && n > 0 ? 0 : 1;\n"
-        "}\n"
-    )
-    tmp = tempfile.mkdtemp(prefix="cbn-omp-")
-    try:
-        src = os.path.join(tmp, "check_openmp.c")
-        with open(src, "w") as f:
-            f.write(source)
-        cmd = [compiler, flag, src, "-o", os.path.join(tmp, "check_openmp")]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        ok = result.returncode == 0
-    except OSError:
-        ok = False
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if not ok:
-        warnings.warn(
-            "cbn: the C compiler cannot build OpenMP code with -fopenmp; "
-            "building the kernels serial (cbn.set_num_threads will have no effect).",
-            stacklevel=2,
-        )
-        return []
-    return [flag]
+        return ["-DCBN_POOL_SERIAL"] if sys.platform != "win32" else ["/DCBN_POOL_SERIAL"]
+    return [] if sys.platform == "win32" else ["-pthread"]
 
 
 BOUNDSCHECK = env_flag("CBN_BOUNDSCHECK")
@@ -88,7 +50,7 @@ COMPILER_DIRECTIVES = {
     "embedsignature": True,
 }
 
-omp = openmp_flags()
+threads = thread_flags()
 # -O3 without -march=native: the baseline build must run on any CPU of its
 # architecture. -ffp-contract=off keeps the compiler from fusing a*b+c into
 # FMAs in some builds and not others, so every SIMD build gives the same bits.
@@ -112,9 +74,9 @@ if (platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32
     SIMD_BUILDS["_kernels_avx512"] = ["-mavx512f", "-mavx512bw", "-mavx512dq",
                                       "-mavx512vl", "-mprefer-vector-width=512"]
 
-TABLE = ["cbn/_kernel_table.h", "cbn/_kernel_table.pxd", "cbn/_omp_compat.h"]
+TABLE = ["cbn/_kernel_table.h", "cbn/_kernel_table.pxd"]
 KERNEL_DEPENDS = TABLE + ["cbn/_kernels_impl.pxi", "cbn/_plan.pxi", "cbn/_kernel_export.pxi",
-                          "cbn/_stream.h", "cbn/_scratch.h"]
+                          "cbn/_stream.h", "cbn/_scratch.h", "cbn/_pool.h"]
 CORE_DEPENDS = TABLE + ["cbn/_threads.pxi", "cbn/_view.pxi", "cbn/_rules.pxi",
                         "cbn/_inference.pxi", "cbn/_calls.pxi"]
 
@@ -126,8 +88,8 @@ def extension(name, depends, simd_args=()):
         include_dirs=["cbn", numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         depends=depends,
-        extra_compile_args=base_args + list(simd_args) + omp + sanitize_args,
-        extra_link_args=[f for f in omp if f != "/openmp"] + sanitize_args,
+        extra_compile_args=base_args + list(simd_args) + threads + sanitize_args,
+        extra_link_args=[f for f in threads if f == "-pthread"] + sanitize_args,
     )
 
 

@@ -3,7 +3,7 @@
 The layer (:class:`BatchNorm` and its 1d/2d/3d forms) keeps parameters and
 running statistics with PyTorch's semantics; the functions in
 :mod:`cbn.functional` are the same computations without state. Kernels are
-typed Cython with OpenMP; :mod:`cbn.reference` holds their plain-NumPy twins.
+typed Cython with their own thread pool; :mod:`cbn.reference` holds their plain-NumPy twins.
 """
 import importlib.util as _importlib_util
 import os as _os
@@ -42,13 +42,11 @@ def show_config() -> None:
     """Print how the compiled kernels were built and which build is in use."""
     import sysconfig
 
-    from . import _dispatch, _omp_env
+    from . import _dispatch
     kernels = _dispatch.kernels
     print(f"cbn {__version__}")
     print(f"  compiler: {sysconfig.get_config_var('CC') or 'unknown'}")
-    print(f"  OpenMP: {'on' if kernels.openmp_enabled() else 'off (serial build)'}")
-    if kernels.openmp_enabled():
-        print(f"  idle OpenMP threads spin: {_omp_env.setting}")
+    print(f"  thread pool: {'on' if kernels.threads_enabled() else 'off (serial build)'}")
     print(f"  SIMD builds compiled: {', '.join(_dispatch.compiled_targets())}")
     print(f"  SIMD build in use: {kernels.simd_target()}")
     print(f"  threads: {get_num_threads()}")

@@ -51,8 +51,10 @@ def use_kernels(module):
     if table.version != CBN_KERNEL_TABLE_VERSION:
         raise ImportError(f"{module.__name__} was built for another version of cbn "
                           "(kernel table mismatch); reinstall cbn")
+    global threads_supported
     kernels_module = module  # keeps the table's module alive
     K = table
+    threads_supported = table.threads_supported
 
 
 def simd_target():
@@ -70,6 +72,16 @@ cdef int check_scratch(int status) except -1:
     if status < 0:
         raise MemoryError("cbn: cannot allocate the kernels' scratch space")
     return 0
+
+
+cdef extern from *:
+    """
+    /* Found by threadpoolctl (cbn._threads): marks this library as cbn's. */
+    #if defined(__GNUC__)
+    __attribute__((visibility("default")))
+    #endif
+    int cbn_thread_pool_marker(void) { return 1; }
+    """
 
 
 include "_threads.pxi"

@@ -11,11 +11,8 @@ import importlib
 import importlib.util
 import os
 
-from ._omp_env import short_spin
-
-with short_spin():  # the first import loads libgomp
-    from . import _core
-    from . import _kernels as _baseline
+from . import _core
+from . import _kernels as _baseline
 
 BUILDS = {"avx512": "cbn._kernels_avx512", "avx2": "cbn._kernels_avx2",
           "baseline": "cbn._kernels"}

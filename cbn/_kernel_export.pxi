@@ -28,6 +28,7 @@ TABLE.normalize_f64 = normalize_impl[double]
 TABLE.relu_grad_f32 = relu_grad_impl[float]
 TABLE.relu_grad_f64 = relu_grad_impl[double]
 TABLE.stream_min_bytes = STREAM_MIN_BYTES
+TABLE.threads_supported = cbn_pool_threaded()
 
 
 def kernel_table():

@@ -14,7 +14,7 @@
 #include <Python.h>
 
 #define CBN_KERNEL_TABLE_NAME "cbn.kernel_table"
-#define CBN_KERNEL_TABLE_VERSION 1
+#define CBN_KERNEL_TABLE_VERSION 2
 
 typedef struct {
     int version;
@@ -57,6 +57,8 @@ typedef struct {
                           int threads);
     /* Outputs of at least this many bytes are written with streaming stores. */
     Py_ssize_t stream_min_bytes;
+    /* Whether the kernels' thread pool exists (_pool.h); else a team is one. */
+    int threads_supported;
 } cbn_kernel_table;
 
 #endif /* CBN_KERNEL_TABLE_H */

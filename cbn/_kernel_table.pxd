@@ -34,3 +34,4 @@ cdef extern from "_kernel_table.h":
         void (*relu_grad_f64)(const double*, const double*, double*, Py_ssize_t,
                               int) noexcept nogil
         Py_ssize_t stream_min_bytes
+        bint threads_supported

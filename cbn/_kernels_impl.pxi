@@ -29,8 +29,9 @@
 # elementwise pass while its data is in cache.
 #
 # One loop over units (run_job): every kernel describes its work as a Job of
-# units, and run_job runs them on a team with a static schedule, or in order
-# on this thread when the team is one (without entering an OpenMP region).
+# units, and run_job has them claimed by this thread and the pool's helpers
+# (_pool.h: the caller never waits for a helper that has not started), or
+# runs them in order on this thread when the team is one.
 #
 # A reduction's partials take one block of scratch memory, kept between calls
 # (_scratch.h): a fresh block of megabytes would be faulted in page by page on
@@ -38,8 +39,8 @@
 #
 # Determinism: the split of a reduction into units depends only on the shape,
 # each unit writes its own partial results, and partials are merged in a fixed
-# order after the parallel region. Elementwise passes compute every element
-# alone, so they are cut into one equal share per thread instead. Results are
+# order after all units ran. Elementwise passes compute every element alone,
+# so their cut (small shares) does not matter to the bits. Results are
 # therefore bit-identical for any thread count.
 #
 # Accuracy: statistics accumulate in double, and a huge mean relative to the
@@ -51,7 +52,6 @@
 # before scaling.
 
 from cython cimport floating
-from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
@@ -59,6 +59,13 @@ from libc.stdlib cimport free, malloc
 cdef extern from "_stream.h" nogil:
     void cbn_stream_copy(void* dst, const void* src, size_t nbytes)
     void cbn_stream_fence()
+
+
+cdef extern from "_pool.h" nogil:
+    ctypedef void (*cbn_unit_fn)(const void* job, Py_ssize_t unit, int worker) noexcept nogil
+    void cbn_pool_run(cbn_unit_fn fn, const void* job, Py_ssize_t n_units, int team,
+                      Py_ssize_t elements)
+    int cbn_pool_threaded()
 
 
 cdef extern from "_scratch.h" nogil:
@@ -80,6 +87,7 @@ cdef enum:
     LANES = 16             # independent accumulators in contiguous reductions
     STAGE = 512            # outputs computed into an L1 buffer per streaming copy
     SHARE_GRANULE = 16     # elementwise shares start on multiples of this
+    SHARE_ELEMS = 16384    # about this many elements per elementwise share
     # Outputs this large bypass the cache (streaming stores): they would not
     # survive in it until the next layer reads them anyway, and normal stores
     # would read every output line first and evict the input being re-read.
@@ -492,6 +500,7 @@ cdef int reduce_impl(int kind,                # a ReduceKind
     job.task = TASK_REDUCE
     job.n_units = r.plan.n_units
     job.team = r.plan.team
+    job.elements = outer * C * inner
     job.args = &r
     run_job(&job, xp, dyp, <floating*>NULL)
     combine_chunks(&r)
@@ -535,6 +544,21 @@ ctypedef struct ElementParams:   # per channel, or per column when by_rows
     const double* shift           # OP_NORMALIZE*
     const double* mean_dy         # OP_GRAD_INPUT
     const double* proj            # OP_GRAD_INPUT
+    # float32 data walked by rows: the float32 parameters of every column
+    # (LaneParam rows of ``lane_stride`` values; see float_lane_params)
+    const float* lanes
+    Py_ssize_t lane_stride
+
+
+cdef enum LaneParam:   # rows of ElementParams.lanes
+    LANE_MEAN_HI       # the mean split in two floats (split_mean)
+    LANE_MEAN_LO
+    LANE_SCALE
+    LANE_SHIFT         # OP_NORMALIZE*
+    LANE_MEAN_DY_HI = 3  # OP_GRAD_INPUT, in place of the shift
+    LANE_MEAN_DY_LO
+    LANE_PROJ
+    LANE_PARAMS        # rows in all
 
 
 cdef inline ElementParams element_params(const double* mean, const double* scale,
@@ -546,6 +570,8 @@ cdef inline ElementParams element_params(const double* mean, const double* scale
     p.shift = shift
     p.mean_dy = mean_dy
     p.proj = proj
+    p.lanes = NULL
+    p.lane_stride = 0
     return p
 
 
@@ -618,6 +644,125 @@ cdef inline void relu_grad_span(const floating* dy, const floating* y, floating*
         dz[i] = 0 if y[i] <= 0 else dy[i]
 
 
+# float32 lanes. float32 data is normalized in float32 arithmetic, twice as
+# many values per instruction as double. The mean is split in two floats,
+# hi = float(mean) and lo = float(mean - hi), and subtracted as
+# (x - hi) - lo: near the mean x - hi is exact (Sterbenz), so a large mean
+# relative to the spread costs no accuracy, and far from it the rounding is
+# relative to |x - mean|. Each output then carries a few float32 roundings
+# of its own size, well inside the accuracy contract (1e-5 * (1 + |y|)).
+
+cdef inline void split_mean(double mean, float* hi, float* lo) noexcept nogil:
+    hi[0] = <float>mean
+    lo[0] = <float>(mean - <double>hi[0])
+
+
+cdef inline void normalize_span_f32(const float* x, float* y, Py_ssize_t n,
+                                    double mean, double scale, double shift,
+                                    bint relu) noexcept nogil:
+    """normalize_span for float32 data, in float32 lanes."""
+    cdef Py_ssize_t i
+    cdef float hi, lo, v, s = <float>scale, b = <float>shift
+    split_mean(mean, &hi, &lo)
+    if relu:
+        for i in range(n):
+            v = ((x[i] - hi) - lo) * s + b
+            y[i] = 0 if v < 0 else v
+    else:
+        for i in range(n):
+            y[i] = ((x[i] - hi) - lo) * s + b
+
+
+cdef inline void normalize_span_cols_f32(const float* x, float* y, Py_ssize_t n,
+                                         const float* lanes, Py_ssize_t stride,
+                                         bint relu) noexcept nogil:
+    """The same along a row, with per-column parameters (LaneParam rows)."""
+    cdef Py_ssize_t j
+    cdef float v
+    cdef const float* hi = lanes + LANE_MEAN_HI * stride
+    cdef const float* lo = lanes + LANE_MEAN_LO * stride
+    cdef const float* s = lanes + LANE_SCALE * stride
+    cdef const float* b = lanes + LANE_SHIFT * stride
+    if relu:
+        for j in range(n):
+            v = ((x[j] - hi[j]) - lo[j]) * s[j] + b[j]
+            y[j] = 0 if v < 0 else v
+    else:
+        for j in range(n):
+            y[j] = ((x[j] - hi[j]) - lo[j]) * s[j] + b[j]
+
+
+cdef inline void grad_input_span_f32(const float* dy, const float* x, float* dx,
+                                     Py_ssize_t n, double mean, double mean_dy,
+                                     double proj, double scale) noexcept nogil:
+    """grad_input_span for float32 data, in float32 lanes (both means split)."""
+    cdef Py_ssize_t i
+    cdef float m_hi, m_lo, g_hi, g_lo, q = <float>proj, s = <float>scale
+    split_mean(mean, &m_hi, &m_lo)
+    split_mean(mean_dy, &g_hi, &g_lo)
+    for i in range(n):
+        dx[i] = (((dy[i] - g_hi) - g_lo) - ((x[i] - m_hi) - m_lo) * q) * s
+
+
+cdef inline void grad_input_span_cols_f32(const float* dy, const float* x, float* dx,
+                                          Py_ssize_t n, const float* lanes,
+                                          Py_ssize_t stride) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef const float* m_hi = lanes + LANE_MEAN_HI * stride
+    cdef const float* m_lo = lanes + LANE_MEAN_LO * stride
+    cdef const float* s = lanes + LANE_SCALE * stride
+    cdef const float* g_hi = lanes + LANE_MEAN_DY_HI * stride
+    cdef const float* g_lo = lanes + LANE_MEAN_DY_LO * stride
+    cdef const float* q = lanes + LANE_PROJ * stride
+    for j in range(n):
+        dx[j] = (((dy[j] - g_hi[j]) - g_lo[j]) - ((x[j] - m_hi[j]) - m_lo[j]) * q[j]) * s[j]
+
+
+cdef inline void float_op_span(int op, const float* a, const float* b, float* out,
+                               Py_ssize_t n, const ElementParams* p, Py_ssize_t at,
+                               bint per_column) noexcept nogil:
+    """op_span of a normalizing op for float32 data."""
+    if per_column:
+        if op == OP_GRAD_INPUT:
+            grad_input_span_cols_f32(a, b, out, n, p.lanes + at, p.lane_stride)
+        else:
+            normalize_span_cols_f32(a, out, n, p.lanes + at, p.lane_stride,
+                                    op == OP_NORMALIZE_RELU)
+    elif op == OP_GRAD_INPUT:
+        grad_input_span_f32(a, b, out, n, p.mean[at], p.mean_dy[at], p.proj[at],
+                            p.scale[at])
+    else:
+        normalize_span_f32(a, out, n, p.mean[at], p.scale[at], p.shift[at],
+                           op == OP_NORMALIZE_RELU)
+
+
+cdef void float_lane_params(int op, const ElementParams* p, Py_ssize_t C,
+                            Py_ssize_t inner,
+                            float* lanes   # OUT (LANE_PARAMS, C * inner)
+                            ) noexcept nogil:
+    """The float32 parameters of every column of a row (column c * inner + i
+    is channel c)."""
+    cdef Py_ssize_t c, i, j, W = C * inner
+    cdef float hi, lo, g_hi, g_lo, s, third
+    for c in range(C):
+        split_mean(p.mean[c], &hi, &lo)
+        s = <float>p.scale[c]
+        if op == OP_GRAD_INPUT:
+            split_mean(p.mean_dy[c], &g_hi, &g_lo)
+            third = <float>p.proj[c]
+        else:
+            g_hi = <float>p.shift[c]
+        for i in range(inner):
+            j = c * inner + i
+            lanes[LANE_MEAN_HI * W + j] = hi
+            lanes[LANE_MEAN_LO * W + j] = lo
+            lanes[LANE_SCALE * W + j] = s
+            lanes[LANE_SHIFT * W + j] = g_hi  # the shift, or the split mean_dy
+            if op == OP_GRAD_INPUT:
+                lanes[LANE_MEAN_DY_LO * W + j] = g_lo
+                lanes[LANE_PROJ * W + j] = third
+
+
 cdef inline void op_span(int op, const floating* a, const floating* b, floating* out,
                          Py_ssize_t n, const ElementParams* p, Py_ssize_t at,
                          bint per_column) noexcept nogil:
@@ -625,6 +770,8 @@ cdef inline void op_span(int op, const floating* a, const floating* b, floating*
     per_column from column ``at`` on. One branch per span, none per element."""
     if op == OP_RELU_GRAD:
         relu_grad_span(a, b, out, n)
+    elif floating is float:
+        float_op_span(op, a, b, out, n, p, at, per_column)
     elif per_column:
         if op == OP_GRAD_INPUT:
             grad_input_span_cols(a, b, out, n, p.mean + at, p.mean_dy + at,
@@ -698,12 +845,20 @@ cdef int elementwise_impl(int op, const floating* a, const floating* b, floating
     cdef Elementwise e
     cdef Job job
     cdef double* cols = NULL
+    cdef float* lanes = NULL
     cdef Py_ssize_t W = C * inner
     e.shares = plan_shares(outer, C, inner, num_threads)
     e.op = op
     e.params = params
     e.stream = stream
-    if e.shares.by_rows and inner > 1 and op != OP_RELU_GRAD:
+    if e.shares.by_rows and op != OP_RELU_GRAD and floating is float:
+        lanes = <float*>malloc(LANE_PARAMS * W * sizeof(float))
+        if lanes == NULL:
+            return -1
+        float_lane_params(op, &params, C, inner, lanes)
+        e.params.lanes = lanes
+        e.params.lane_stride = W
+    elif e.shares.by_rows and inner > 1 and op != OP_RELU_GRAD:
         # Per-column copies of the parameters; for (N, C) they are per-channel.
         cols = <double*>malloc(4 * W * sizeof(double))
         if cols == NULL:
@@ -721,11 +876,13 @@ cdef int elementwise_impl(int op, const floating* a, const floating* b, floating
             expand_to_columns(params.shift, C, inner, cols + 2 * W)
             e.params.shift = cols + 2 * W
     job.task = TASK_ELEMENTWISE
-    job.n_units = e.shares.team
+    job.n_units = e.shares.n_shares
     job.team = e.shares.team
+    job.elements = outer * C * inner
     job.args = &e
     run_job(&job, a, b, out)
     free(cols)
+    free(lanes)
     return 0
 
 
@@ -832,7 +989,7 @@ cdef inline void forward_channel(const FusedChannels* f, Py_ssize_t c,
     f.out_c[c] = inv
     s = inv * f.weight[c]
     b = f.bias[c]
-    p.mean, p.scale, p.shift = &m, &s, &b
+    p = element_params(&m, &s, &b, NULL, NULL)
     write_channel(OP_NORMALIZE_RELU if f.relu else OP_NORMALIZE, f, c, xp, xp, yp, &p)
 
 
@@ -849,11 +1006,10 @@ cdef inline void backward_channel(const FusedChannels* f, Py_ssize_t c,
     scale = f.invstd[c] * f.weight[c]
     mean_dy = f.out_a[c] / <double>n
     proj = f.out_b[c] * f.invstd[c] * f.invstd[c] / <double>n
-    p.scale = &scale
     if f.training:
-        p.mean, p.mean_dy, p.proj = &m, &mean_dy, &proj
+        p = element_params(&m, &scale, NULL, &mean_dy, &proj)
     else:  # constant statistics: dx = (dy - 0) * scale + 0
-        p.mean, p.shift = &zero, &zero
+        p = element_params(&zero, &scale, &zero, NULL, NULL)
     write_channel(OP_GRAD_INPUT if f.training else OP_NORMALIZE, f, c, dyp, xp, dxp, &p)
 
 
@@ -864,6 +1020,7 @@ cdef inline void run_fused(int task, FusedChannels* f, const floating* a,
     job.task = task
     job.n_units = f.C
     job.team = team_size(num_threads, f.C)
+    job.elements = f.outer * f.C * f.inner
     job.args = f
     run_job(&job, a, b, out)
 
@@ -884,20 +1041,39 @@ cdef inline void run_unit(const Job* job, Py_ssize_t u, int thread,
         backward_channel(<const FusedChannels*>job.args, u, a, b, out)
 
 
+ctypedef struct JobCall:   # a job and its arrays, for the pool's callback
+    const Job* job
+    const void* a
+    const void* b
+    void* out
+
+
+cdef void run_unit_f32(const void* call, Py_ssize_t u, int thread) noexcept nogil:
+    cdef const JobCall* c = <const JobCall*>call
+    run_unit(c.job, u, thread, <const float*>c.a, <const float*>c.b, <float*>c.out)
+
+
+cdef void run_unit_f64(const void* call, Py_ssize_t u, int thread) noexcept nogil:
+    cdef const JobCall* c = <const JobCall*>call
+    run_unit(c.job, u, thread, <const double*>c.a, <const double*>c.b, <double*>c.out)
+
+
 cdef void run_job(const Job* job, const floating* a, const floating* b,
                   floating* out) noexcept nogil:
-    """Units 0 ... n_units - 1 of a job: shared statically by a team of
-    job.team threads, or in order on this thread when the team is one. (The
-    one-thread case enters no OpenMP region: that costs about 0.7 us even
-    for a single thread, as much as a whole small call.)"""
+    """Units 0 ... n_units - 1 of a job: claimed one by one by this thread and
+    the pool's helpers (_pool.h), up to job.team threads in all, or in order
+    on this thread when the team is one (without touching the pool)."""
     cdef Py_ssize_t u
+    cdef JobCall call
     if job.team <= 1:
         for u in range(job.n_units):
             run_unit(job, u, 0, a, b, out)
         return
-    with parallel(num_threads=job.team):
-        for u in prange(job.n_units, schedule='static'):
-            run_unit(job, u, threadid(), a, b, out)
+    call.job, call.a, call.b, call.out = job, a, b, out
+    if floating is float:
+        cbn_pool_run(run_unit_f32, &call, job.n_units, job.team, job.elements)
+    else:
+        cbn_pool_run(run_unit_f64, &call, job.n_units, job.team, job.elements)
 
 
 # ---------------------------------------------------------------------------

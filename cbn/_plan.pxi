@@ -165,8 +165,9 @@ cdef inline Py_ssize_t chunk_rows(const ReducePlan* p, Py_ssize_t k) noexcept no
 # Elementwise passes
 
 ctypedef struct SharePlan:
-    # Every element is computed alone, so the bits do not depend on the cut:
-    # one near-equal share per thread balances the team exactly.
+    # Every element is computed alone, so the bits do not depend on the cut.
+    # The shares are small (about SHARE_ELEMS elements) rather than one per
+    # thread: a helper that starts late then takes only what is left.
     # interleaved: shares of whole rows, per-column parameters; else shares of
     # elements, run by run
     bint by_rows
@@ -174,7 +175,8 @@ ctypedef struct SharePlan:
     Py_ssize_t row_len    # C * inner
     Py_ssize_t n_items    # rows (by_rows) or elements
     Py_ssize_t granule    # shares start on multiples of this
-    int team              # one share per thread
+    Py_ssize_t n_shares
+    int team
 
 
 cdef inline SharePlan plan_shares(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
@@ -187,21 +189,22 @@ cdef inline SharePlan plan_shares(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inn
     if s.by_rows:
         s.n_items = outer
         s.granule = 1
-        s.team = team_size(num_threads, outer)
+        s.n_shares = ceil_div(outer, max(<Py_ssize_t>1, SHARE_ELEMS // s.row_len))
     else:
         s.n_items = outer * C * inner
         s.granule = SHARE_GRANULE
-        s.team = team_size(num_threads, s.n_items // SHARE_GRANULE)
+        s.n_shares = max(<Py_ssize_t>1, s.n_items // SHARE_ELEMS)
+    s.team = team_size(num_threads, s.n_shares)
     return s
 
 
 cdef inline Py_ssize_t share_start(const SharePlan* s, Py_ssize_t k) noexcept nogil:
     """Start of share k of s.n_items: near-equal shares starting on multiples
-    of s.granule (share s.team starts at s.n_items)."""
+    of s.granule (share s.n_shares starts at s.n_items)."""
     cdef Py_ssize_t start
-    if k >= s.team:
+    if k >= s.n_shares:
         return s.n_items
-    start = s.n_items * k // s.team
+    start = s.n_items * k // s.n_shares
     return start - start % s.granule
 
 
@@ -219,4 +222,5 @@ ctypedef struct Job:
     int task               # a Task; says what ``args`` points to
     Py_ssize_t n_units
     int team
+    Py_ssize_t elements    # values the job reads (how long it runs)
     const void* args

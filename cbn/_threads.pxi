@@ -1,44 +1,47 @@
-# Thread count per call: serial below a size where waking a team costs more
-# than the work it would share; otherwise cbn.set_num_threads' setting or
-# OpenMP's default (OMP_NUM_THREADS), read at call time.
-
-cdef extern from "_omp_compat.h" nogil:
-    int cbn_openmp_enabled()
-    int cbn_max_threads()
+# Thread count per call: one thread below a size where sharing the work costs
+# more than it saves; otherwise cbn.set_num_threads' setting or the default
+# (set by cbn._threads at import), read at call time. The threads are the
+# kernels' own pool (_pool.h).
 
 
 cdef enum:
-    SERIAL_BELOW = 1 << 15   # elements: below this a kernel runs serial
-    THREAD_CAP = 256         # libgomp exits if it cannot create a team this big
+    SERIAL_BELOW = 1 << 15   # elements: below this a kernel runs on one thread
+    THREAD_CAP = 256         # a bound far above the CPUs cbn targets
 
 PARALLEL_MIN_ELEMENTS = SERIAL_BELOW
 MAX_THREADS = THREAD_CAP
 
-# 0: follow OpenMP's default; set by cbn.set_num_threads.
+# 0: the default; set by cbn.set_num_threads.
 cdef int configured_threads = 0
+cdef int default_threads = 1
+# Whether the kernel build in use has its thread pool (set by use_kernels).
+cdef bint threads_supported = False
 
 
-def openmp_enabled():
-    """True when cbn was compiled with OpenMP."""
-    return bool(cbn_openmp_enabled())
+def threads_enabled():
+    """True when the kernels in use can run on several threads."""
+    return threads_supported
 
 
-def max_threads():
-    """OpenMP's default team size (honours OMP_NUM_THREADS); 1 without OpenMP."""
-    return cbn_max_threads()
+def set_default_threads(int n):
+    """The thread count used while none is set. The caller validates it."""
+    global default_threads
+    default_threads = n
 
 
 def set_thread_count(int n):
-    """0 restores OpenMP's default. The caller validates the range."""
+    """0 restores the default. The caller validates the range."""
     global configured_threads
     configured_threads = n
 
 
 cdef inline int team_threads() noexcept nogil:
-    """The threads a parallel call uses: the setting, or OpenMP's default."""
+    """The threads a parallel call uses: the setting, or the default."""
+    if not threads_supported:
+        return 1
     if configured_threads > 0:
         return configured_threads
-    return min(cbn_max_threads(), <int>THREAD_CAP)
+    return default_threads
 
 
 def thread_count():
@@ -46,6 +49,6 @@ def thread_count():
 
 
 cdef int threads_for(Py_ssize_t num_elements) noexcept nogil:
-    if num_elements < SERIAL_BELOW or not cbn_openmp_enabled():
+    if num_elements < SERIAL_BELOW:
         return 1
     return team_threads()

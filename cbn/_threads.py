@@ -1,4 +1,4 @@
-"""Thread count used by the compiled kernels."""
+"""Thread count used by the compiled kernels, and its threadpoolctl controller."""
 from __future__ import annotations
 
 import os
@@ -8,22 +8,38 @@ from ._dispatch import kernels
 
 # The setting lives in the compiled executor, which reads it at every call.
 
-# Below this many elements a kernel runs serial: waking a thread team costs
-# more than the work it would share.
+# Below this many elements a kernel runs on one thread: sharing the work
+# costs more than it saves.
 PARALLEL_MIN_ELEMENTS = kernels.PARALLEL_MIN_ELEMENTS
-# A cap well above any CPU cbn targets: asking OpenMP for tens of thousands of
-# threads ends the process (libgomp exits when thread creation fails).
+# A bound far above any CPU cbn targets, so that a typo cannot start
+# thousands of threads.
 MAX_THREADS = kernels.MAX_THREADS
+
+
+def default_num_threads(environ=os.environ) -> int:
+    """The thread count used until set: ``OMP_NUM_THREADS`` (its first value,
+    as OpenMP reads it) when set to a positive integer, else the CPUs this
+    process may run on."""
+    first = environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if first.isdigit() and int(first) > 0:
+        return min(int(first), MAX_THREADS)
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        available = os.cpu_count() or 1
+    return max(1, min(available, MAX_THREADS))
 
 
 def set_num_threads(n: int | None) -> None:
     """Set the number of threads the kernels use; ``None`` restores the default.
 
     Results do not depend on this number: the kernels split their work by
-    shape only and merge partial results in a fixed order.
+    shape only and merge partial results in a fixed order. Inside
+    ``threadpoolctl.threadpool_limits(k)`` the limit applies instead, and
+    this setting is back after the block.
     """
     if n is None:
-        kernels.set_thread_count(0)  # OpenMP's default (OMP_NUM_THREADS)
+        kernels.set_thread_count(0)
         return
     n = integer(n, "set_num_threads(n)")
     if not 1 <= n <= MAX_THREADS:
@@ -34,16 +50,42 @@ def set_num_threads(n: int | None) -> None:
 
 
 def get_num_threads() -> int:
-    """Number of threads the kernels use (OpenMP's default unless set)."""
+    """Number of threads the kernels use (the default unless set; 1 in a
+    build without threads)."""
     return kernels.thread_count()
 
 
-def _serial_after_fork():
-    # libgomp's thread pool does not survive fork(): a child that starts a
-    # parallel region hangs. Children of a fork (multiprocessing's default on
-    # Linux) therefore run serial unless they call set_num_threads themselves.
-    kernels.set_thread_count(1)
+kernels.set_default_threads(default_num_threads())
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_serial_after_fork)
+def _register_with_threadpoolctl():
+    """Make ``threadpoolctl.threadpool_limits`` and ``threadpool_info`` see
+    cbn's threads (user_api "openmp": the API that limits the threads of
+    compiled extensions), when threadpoolctl is installed."""
+    try:
+        import threadpoolctl
+    except ImportError:
+        return
+
+    class CbnController(threadpoolctl.LibController):
+        user_api = "openmp"
+        internal_api = "cbn"
+        # threadpoolctl finds controllers among the loaded shared libraries:
+        # the executor, recognised by a symbol only it exports.
+        filename_prefixes = ("_core.",)
+        check_symbols = ("cbn_thread_pool_marker",)
+
+        def get_num_threads(self):
+            return get_num_threads()
+
+        def set_num_threads(self, num_threads):
+            set_num_threads(max(1, min(int(num_threads), MAX_THREADS)))
+
+        def get_version(self):
+            from . import __version__
+            return __version__
+
+    threadpoolctl.register(CbnController)
+
+
+_register_with_threadpoolctl()

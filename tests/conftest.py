@@ -12,7 +12,7 @@ import cbn
 def pytest_report_header(config):
     from cbn._dispatch import kernels as _kernels
     return (f"cbn {cbn.__version__} from {cbn.__file__}; "
-            f"OpenMP {'on' if _kernels.openmp_enabled() else 'off'}, "
+            f"thread pool {'on' if _kernels.threads_enabled() else 'off'}, "
             f"{cbn.get_num_threads()} threads")
 
 

@@ -64,15 +64,66 @@ def test_set_num_threads_rejects(restore_threads, bad, error):
     assert cbn.get_num_threads() == 2
 
 
-def test_default_follows_omp_num_threads():
-    from cbn._dispatch import kernels as _kernels
-    if not _kernels.openmp_enabled():
-        pytest.skip("serial build: OMP_NUM_THREADS has nothing to set")
-    env = dict(os.environ, OMP_NUM_THREADS="3")
+def _threads_in_child(env):
     out = subprocess.run(
         [sys.executable, "-c", "import cbn; print(cbn.get_num_threads())"],
-        env=env, capture_output=True, text=True, check=True, cwd=os.path.dirname(__file__))
-    assert out.stdout.strip() == "3"
+        env=env, capture_output=True, text=True, check=True, timeout=120,
+        cwd=os.path.dirname(__file__))
+    return int(out.stdout)
+
+
+def test_default_follows_omp_num_threads():
+    from cbn._dispatch import kernels as _kernels
+    if not _kernels.threads_enabled():
+        pytest.skip("serial build: OMP_NUM_THREADS has nothing to set")
+    assert _threads_in_child(dict(os.environ, OMP_NUM_THREADS="3")) == 3
+    assert _threads_in_child(dict(os.environ, OMP_NUM_THREADS="5,2")) == 5
+
+
+def test_default_without_omp_num_threads_is_the_cpus_this_process_may_use():
+    from cbn._threads import default_num_threads
+    assert default_num_threads({}) == len(os.sched_getaffinity(0))
+    assert default_num_threads({"OMP_NUM_THREADS": "0"}) == len(os.sched_getaffinity(0))
+    assert default_num_threads({"OMP_NUM_THREADS": "many"}) == len(os.sched_getaffinity(0))
+    assert default_num_threads({"OMP_NUM_THREADS": "100000"}) == 256
+
+
+def test_threadpool_limits_overrides_set_num_threads_and_restores_it(restore_threads):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from cbn._dispatch import kernels as _kernels
+    if not _kernels.threads_enabled():
+        pytest.skip("serial build: no threads to limit")
+    cbn.set_num_threads(2)
+    info = [lib for lib in threadpoolctl.threadpool_info() if lib["internal_api"] == "cbn"]
+    assert len(info) == 1 and info[0]["num_threads"] == 2
+    assert info[0]["user_api"] == "openmp"
+    with threadpoolctl.threadpool_limits(1):
+        assert cbn.get_num_threads() == 1
+    assert cbn.get_num_threads() == 2
+    with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+        assert cbn.get_num_threads() == 1
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        assert cbn.get_num_threads() == 2
+    assert cbn.get_num_threads() == 2
+
+
+def test_many_pooled_calls_give_the_serial_bits(rng, restore_threads):
+    # Jobs of every kind (reductions, elementwise shares, fused channels)
+    # back to back, so that helpers join late, early and in between.
+    cases = [((256, 1024), 1), ((8, 64, 28, 28), 1), ((64, 512, 8), 1),
+             ((32, 28, 28, 64), -1)]
+    for shape, axis in cases:
+        x = make_input(rng, shape, axis, np.float32)
+        dy = make_input(rng, shape, axis, np.float32)
+        cbn.set_num_threads(1)
+        y1, mean, invstd = cbn.batch_norm_forward(x, axis=axis)
+        dx1 = cbn.batch_norm_backward(dy, x, mean, invstd, axis=axis)[0]
+        cbn.set_num_threads(2)
+        for _ in range(50):
+            y2 = cbn.batch_norm_forward(x, axis=axis)[0]
+            dx2 = cbn.batch_norm_backward(dy, x, mean, invstd, axis=axis)[0]
+            assert y2.tobytes() == y1.tobytes()
+            assert dx2.tobytes() == dx1.tobytes()
 
 
 def test_thread_count_above_the_cap_is_rejected(restore_threads):
