@@ -76,7 +76,7 @@ if (platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32
 
 TABLE = ["cbn/_kernel_table.h", "cbn/_kernel_table.pxd"]
 KERNEL_DEPENDS = TABLE + ["cbn/_kernels_impl.pxi", "cbn/_plan.pxi", "cbn/_kernel_export.pxi",
-                          "cbn/_stream.h", "cbn/_scratch.h", "cbn/_pool.h"]
+                          "cbn/_stream.h", "cbn/_scratch.h", "cbn/_pool.h", "cbn/_rows.h"]
 CORE_DEPENDS = TABLE + ["cbn/_threads.pxi", "cbn/_view.pxi", "cbn/_rules.pxi",
                         "cbn/_inference.pxi", "cbn/_calls.pxi"]
 

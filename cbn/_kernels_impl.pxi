@@ -68,6 +68,16 @@ cdef extern from "_pool.h" nogil:
     int cbn_pool_threaded()
 
 
+cdef extern from "_rows.h" nogil:
+    void cbn_normalize_rows_f32(const float* x, float* y, Py_ssize_t W, Py_ssize_t n_rows,
+                                const float* hi, const float* lo, const float* scale,
+                                const float* shift, int relu)
+    void cbn_grad_input_rows_f32(const float* dy, const float* x, float* dx, Py_ssize_t W,
+                                 Py_ssize_t n_rows, const float* m_hi, const float* m_lo,
+                                 const float* scale, const float* g_hi, const float* g_lo,
+                                 const float* proj)
+
+
 cdef extern from "_scratch.h" nogil:
     void* cbn_scratch_take(size_t nbytes)
     void cbn_scratch_give(void* block)
@@ -77,9 +87,9 @@ cdef enum:
     PLANAR_MIN_INNER = 32  # runs at least this long are walked one by one
     BLOCK = 2048           # elements reduced two-pass while in L1
     UNIT_ELEMS = 65536     # target elements per unit of a reduction
-    # columns per interleaved work unit (whole rows of (N, C) for C up to
-    # 4096: the reads stream)
-    TILE_COLS = 4096
+    # columns per interleaved work unit: the unit's per-column accumulators
+    # (three doubles per column, 12 KiB) stay in L1 beside the rows read
+    TILE_COLS = 512
     MIN_CHUNK_ROWS = 64    # interleaved units span about this many rows or more
     MAX_ROW_CHUNKS = 64    # bounds the number of per-column partials
     SWEEP_MAX_INNER = 1024  # planar runs shorter than this are reduced row by row
@@ -340,14 +350,33 @@ cdef void interleaved_grad_sums_unit(const floating* dy, const floating* x,
                                      double* dotp_out      # OUT, columns j_start:j_stop
                                      ) noexcept nogil:
     cdef Py_ssize_t r, j, width = j_stop - j_start, offset
+    cdef double m, g0, g1, g2, g3
+    cdef const double* mean = mean_cols + j_start
     for j in range(width):
         sum_dy_out[j] = 0
         dotp_out[j] = 0
-    for r in range(r_start, r_stop):
+    # Four rows at a time, as in interleaved_stats_unit: the accumulators'
+    # memory traffic stays below that of dy and x.
+    r = r_start
+    while r + 4 <= r_stop:
+        offset = r * W + j_start
+        for j in range(width):
+            m = mean[j]
+            g0 = dy[offset + j]
+            g1 = dy[offset + W + j]
+            g2 = dy[offset + 2 * W + j]
+            g3 = dy[offset + 3 * W + j]
+            sum_dy_out[j] += (g0 + g1) + (g2 + g3)
+            dotp_out[j] += (((x[offset + j] - m) * g0 + (x[offset + W + j] - m) * g1)
+                            + ((x[offset + 2 * W + j] - m) * g2
+                               + (x[offset + 3 * W + j] - m) * g3))
+        r += 4
+    while r < r_stop:
         offset = r * W + j_start
         for j in range(width):
             sum_dy_out[j] += dy[offset + j]
-            dotp_out[j] += (x[offset + j] - mean_cols[j_start + j]) * dy[offset + j]
+            dotp_out[j] += (x[offset + j] - mean[j]) * dy[offset + j]
+        r += 1
 
 
 # ---------------------------------------------------------------------------
@@ -820,6 +849,23 @@ cdef inline void elementwise_share(const Elementwise* e, Py_ssize_t k,
     cdef const SharePlan* s = &e.shares
     cdef Py_ssize_t start = share_start(s, k), stop = share_start(s, k + 1)
     cdef Py_ssize_t i, run, n, W = s.row_len
+    cdef const float* L = e.params.lanes
+    if floating is float:
+        # Whole rows of float32, four at a time (_rows.h); streamed outputs
+        # (large arrays) take the staged spans below.
+        if s.by_rows and not e.stream and e.op != OP_RELU_GRAD:
+            if e.op == OP_GRAD_INPUT:
+                cbn_grad_input_rows_f32(a + start * W, b + start * W, out + start * W, W,
+                                        stop - start, L + LANE_MEAN_HI * W,
+                                        L + LANE_MEAN_LO * W, L + LANE_SCALE * W,
+                                        L + LANE_MEAN_DY_HI * W, L + LANE_MEAN_DY_LO * W,
+                                        L + LANE_PROJ * W)
+            else:
+                cbn_normalize_rows_f32(a + start * W, out + start * W, W, stop - start,
+                                       L + LANE_MEAN_HI * W, L + LANE_MEAN_LO * W,
+                                       L + LANE_SCALE * W, L + LANE_SHIFT * W,
+                                       e.op == OP_NORMALIZE_RELU)
+            return
     if s.by_rows:
         for i in range(start, stop):
             write_span(e.op, a + i * W, b + i * W, out + i * W, W, &e.params, 0, True,
