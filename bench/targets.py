@@ -3,7 +3,8 @@
 Each target comes back as a dict: what is required, the measured value, and
 its status: PASS or FAIL; SKIP when the run has nothing to judge it by (a
 filter, a runtime not installed); N/A in ``--quick`` for targets about the
-full suite's cases, which the quick run's small arrays cannot stand in for.
+full suite's cases, which the quick run's small arrays cannot stand in for,
+and for the pipeline's, whose quick streams are too short to judge.
 Each value says how many of the rows it judged were timed under load (the
 rows marked * in the tables). Checks of the benchmark itself (kind "check")
 are reported beside the targets but not counted among them.
@@ -24,6 +25,7 @@ RESIDENT_LIMITS = {"train forward": 2.2, "inference": 1.3, "backward": 3.2}
 TORCH_MEDIAN = {"train forward": 2.0, "inference": 2.0, "backward": 2.0}
 NUMPY_MEDIAN = {"train forward": 6.0, "inference": 3.0, "backward": 6.0}
 QUICK_NA = "N/A in --quick (needs the full suite's cases)"
+QUICK_PIPELINE_NA = "N/A in --quick (streams of a few batches are too short to judge)"
 
 
 def _target(requirement, status, value, kind="target"):
@@ -217,9 +219,9 @@ def _copy_check(rows):
                     f"{statistics.median(cases.values()):.2f}x", kind="check")]
 
 
-def _not_applicable(targets):
+def _not_applicable(targets, reason):
     for target in targets:
-        yield dict(target, status="N/A", value=QUICK_NA)
+        yield dict(target, status="N/A", value=reason)
 
 
 def evaluate(results, quick=False, installed=None):
@@ -235,8 +237,9 @@ def evaluate(results, quick=False, installed=None):
                   *_median_targets(rows, by_op, "speedup_numpy", NUMPY_MEDIAN, "NumPy"),
                   *_resident_targets(rows, threads), *_large_targets(rows),
                   *_default_thread_targets(results.get("default_threads", []))]
+    pipeline = list(_pipeline_targets(results.get("pipeline", {})))
     if quick:
-        full_suite = list(_not_applicable(full_suite))
-    return [*full_suite, *_scaling_targets(results.get("thread_scaling", [])),
-            *_pipeline_targets(results.get("pipeline", {})),
+        full_suite = list(_not_applicable(full_suite, QUICK_NA))
+        pipeline = list(_not_applicable(pipeline, QUICK_PIPELINE_NA))
+    return [*full_suite, *_scaling_targets(results.get("thread_scaling", [])), *pipeline,
             *_small_call_targets(results.get("small_calls", [])), *_copy_check(rows)]

@@ -173,6 +173,12 @@ def test_quick_marks_the_full_suite_targets_not_applicable():
     assert all(t["value"] == targets.QUICK_NA for t in checked if t["status"] == "N/A")
 
 
+def test_quick_marks_the_pipeline_targets_not_applicable():
+    checked = targets.evaluate({"pipeline": {"cbn first": _pipeline_result(2.0)}}, quick=True)
+    [target] = _by_requirement(checked, "pipeline, cbn first")
+    assert (target["status"], target["value"]) == ("N/A", targets.QUICK_PIPELINE_NA)
+
+
 def test_runtimes_not_installed_are_skipped():
     checked = targets.evaluate({"suite": _full_rows()},
                                installed=dict(INSTALLED, openvino=False))
@@ -484,6 +490,8 @@ def test_targets_are_judged_and_full_suite_ones_are_not_applicable(quick_run):
     assert any("large arrays" in requirement for requirement in not_applicable)
     assert any("small" in t["requirement"] and t["status"] in ("PASS", "FAIL")
                for t in counted)
+    assert all(t["status"] in ("N/A", "SKIP") for t in counted
+               if t["requirement"].startswith("pipeline"))
     assert set(results["summary"]) == OPS
     assert set(results["machine_load"]) == {"suite", "small calls", "thread scaling",
                                             "default threads", "python threads", "pipeline"}
