@@ -234,8 +234,7 @@ static void cbn_pool_wake(void)
  * back to back it nudges them, so that they spin, awake, for the next one.
  *
  * When awake helpers took less than half their share of a job, or the
- * caller waited for units helpers had claimed more than a quarter of the
- * time it worked itself, their cores are busy (another process, another
+ * caller waited for units helpers had claimed longer than it worked itself, their cores are busy (another process, another
  * library's threads): a helper then runs late or is preempted in the middle
  * of a unit, and the caller waits for it. Jobs then run alone for a spell,
  * 1 ms, 2, 4, ... up to CBN_POOL_MAX_ALONE_NS, before the helpers are asked
@@ -297,7 +296,7 @@ static void cbn_pool_run(cbn_unit_fn fn, const void *job, ptrdiff_t n_units, int
             waited = cbn_now_ns() - finished;
     }
     if ((!asleep && 2 * team * helped < (int64_t)(team - 1) * n_units)
-        || 4 * waited > finished - started) {
+        || waited > finished - started) {
         cbn_pool.backoff = cbn_pool.backoff ? 2 * cbn_pool.backoff : CBN_POOL_MIN_ALONE_NS;
         if (cbn_pool.backoff > CBN_POOL_MAX_ALONE_NS)
             cbn_pool.backoff = CBN_POOL_MAX_ALONE_NS;
