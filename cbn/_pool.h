@@ -83,12 +83,16 @@ static struct {
     int helpers;              /* helpers started */
     int sleepers;             /* helpers waiting on ``wake`` */
     int nudges;               /* wakes helpers without a job (so they spin) */
+    int caller_cpu;           /* the CPU the last caller ran on, or -1 */
     int64_t alone_until;      /* owner only: run alone until this time (ns) */
     int64_t backoff;          /* owner only: the last such spell's length (ns) */
     int64_t last_end;         /* owner only: when the last job ended (ns) */
+    int served;               /* owner only: jobs helpers served well in a row */
+    int strikes;              /* owner only: late verdicts since the last spell */
+    int64_t nudged_at;        /* owner only: when sleeping helpers were nudged, or 0 */
     pthread_mutex_t lock;     /* guards sleeping and starting helpers */
     pthread_cond_t wake;
-} cbn_pool = {0, 0, NULL, NULL, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+} cbn_pool = {0, 0, NULL, NULL, 0, 0, 0, 0, 0, 0, -1, 0, 0, 0, 0, 0, 0,
               PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
 #define CBN_LOAD(p) __atomic_load_n(p, __ATOMIC_SEQ_CST)
@@ -128,20 +132,38 @@ static int64_t cbn_pool_work(int worker, uint32_t generation)
     }
 }
 
+static inline int cbn_current_cpu(void)
+{
+#if defined(__linux__)
+    return sched_getcpu();
+#else
+    return -1;
+#endif
+}
+
+/* Whether this thread shares the last caller's CPU: spinning there would
+ * only take the CPU from the caller. */
+static inline int cbn_on_callers_cpu(void)
+{
+    int cpu = cbn_current_cpu();
+    return cpu >= 0 && cpu == CBN_LOAD(&cbn_pool.caller_cpu);
+}
+
 /* Spin, then sleep, until a generation after ``seen`` opens; returns it.
- * A nudge ends the sleep without a job: the helper spins again. */
+ * A nudge ends the sleep without a job: the helper spins again. A helper
+ * on the caller's CPU does not spin. */
 static uint32_t cbn_pool_wait(uint32_t seen)
 {
     uint32_t generation;
     for (;;) {
         int64_t give_up = cbn_now_ns() + CBN_POOL_SPIN_NS;
-        for (int turn = 1;; turn++) {
+        for (int turn = 0;; turn++) {
             generation = cbn_generation(CBN_LOAD(&cbn_pool.ticket));
             if (generation != seen)
                 return generation;
-            CBN_PAUSE();
-            if (turn % 64 == 0 && cbn_now_ns() > give_up)
+            if (turn % 64 == 0 && (cbn_now_ns() > give_up || cbn_on_callers_cpu()))
                 break;
+            CBN_PAUSE();
         }
         /* The caller stores the ticket (or a nudge), then reads ``sleepers``;
          * this side adds to ``sleepers``, then reads them: one of the two
@@ -233,15 +255,89 @@ static void cbn_pool_wake(void)
  * (CBN_POOL_WAKE_ELEMENTS) to be worth their wake-up; if calls are coming
  * back to back it nudges them, so that they spin, awake, for the next one.
  *
- * When awake helpers took less than half their share of a job, or the
- * caller waited for units helpers had claimed longer than it worked itself, their cores are busy (another process, another
- * library's threads): a helper then runs late or is preempted in the middle
- * of a unit, and the caller waits for it. Jobs then run alone for a spell,
- * 1 ms, 2, 4, ... up to CBN_POOL_MAX_ALONE_NS, before the helpers are asked
- * again; each job they serve well halves the spell. */
+ * The helpers' cores are busy (another process, another library's threads)
+ * when a nudge did not wake them within CBN_POOL_WAKE_NS, when awake helpers took
+ * less than half their share of a job, or when the caller waited for units
+ * helpers had claimed longer than it worked itself (a helper preempted in
+ * the middle of a unit costs the caller milliseconds, many times a
+ * cache-sized call). At the second such verdict (one alone happens on a
+ * quiet machine too) jobs run alone for a spell, 4 ms, 8, 16, ... up to
+ * CBN_POOL_MAX_ALONE_NS, before the helpers are asked again; every
+ * CBN_POOL_SERVED_TO_HALVE jobs in a row that they serve well clear the
+ * verdicts and halve the next spell. */
 #define CBN_POOL_WAKE_ELEMENTS (1 << 21)
-#define CBN_POOL_MIN_ALONE_NS 1000000
-#define CBN_POOL_MAX_ALONE_NS 128000000
+#define CBN_POOL_WAKE_NS 200000    /* a nudged helper is up by then, or late */
+#define CBN_POOL_MIN_ALONE_NS 4000000
+#define CBN_POOL_MAX_ALONE_NS 256000000
+#define CBN_POOL_SERVED_TO_HALVE 16
+#define CBN_POOL_STRIKES 2
+
+/* The owner's verdict on the helpers after a job or a nudge. */
+static void cbn_pool_judge(int late)
+{
+    if (late) {
+        cbn_pool.served = 0;
+        if (++cbn_pool.strikes < CBN_POOL_STRIKES)
+            return;
+        cbn_pool.strikes = 0;
+        cbn_pool.backoff = cbn_pool.backoff ? 2 * cbn_pool.backoff : CBN_POOL_MIN_ALONE_NS;
+        if (cbn_pool.backoff > CBN_POOL_MAX_ALONE_NS)
+            cbn_pool.backoff = CBN_POOL_MAX_ALONE_NS;
+        cbn_pool.alone_until = cbn_now_ns() + cbn_pool.backoff;
+    } else if (++cbn_pool.served >= CBN_POOL_SERVED_TO_HALVE) {
+        cbn_pool.served = 0;
+        cbn_pool.strikes = 0;
+        cbn_pool.backoff /= 2;
+        if (cbn_pool.backoff < CBN_POOL_MIN_ALONE_NS)
+            cbn_pool.backoff = 0;
+    }
+}
+
+/* A job on the calling thread alone; nudges sleeping helpers when calls
+ * come back to back (and no spell is on). */
+static void cbn_pool_run_alone(cbn_unit_fn fn, const void *job, ptrdiff_t n_units,
+                               int asleep, int in_spell, int64_t started)
+{
+    if (asleep && !in_spell && started - cbn_pool.last_end < CBN_POOL_SPIN_NS) {
+        __atomic_fetch_add(&cbn_pool.nudges, 1, __ATOMIC_SEQ_CST);
+        cbn_pool_wake();
+        cbn_pool.nudged_at = started;
+    }
+    cbn_run_serial(fn, job, n_units);
+}
+
+/* A job shared with the helpers; returns whether they were late. */
+static int cbn_pool_share(cbn_unit_fn fn, const void *job, ptrdiff_t n_units, int team,
+                          int64_t started)
+{
+    uint32_t generation = cbn_generation(CBN_LOAD(&cbn_pool.ticket));
+    CBN_STORE(&cbn_pool.ticket, ((uint64_t)generation << 32) | CBN_POOL_CLOSED);
+    CBN_STORE(&cbn_pool.fn, fn);
+    CBN_STORE(&cbn_pool.job, job);
+    CBN_STORE(&cbn_pool.n_units, (int64_t)n_units);
+    CBN_STORE(&cbn_pool.team, team);
+    CBN_STORE(&cbn_pool.done, 0);
+    generation++;
+    CBN_STORE(&cbn_pool.ticket, (uint64_t)generation << 32);
+    int woken = CBN_LOAD(&cbn_pool.sleepers) > 0;
+    if (woken)
+        cbn_pool_wake();
+    int64_t helped = (int64_t)n_units - cbn_pool_work(0, generation);
+    /* Every unit is claimed; wait for those running on helpers. */
+    int64_t finished = cbn_now_ns(), waited = 0;
+    for (int turn = 1; CBN_LOAD(&cbn_pool.done) < (int64_t)n_units; turn++) {
+        if (turn < 4096)
+            CBN_PAUSE();
+        else
+            sched_yield();  /* a helper was preempted: let it run */
+        if (turn % 64 == 0)
+            waited = cbn_now_ns() - finished;
+    }
+    /* Helpers just woken are late by their wake-up whatever their cores do:
+     * only the wait judges them. */
+    return (!woken && 2 * team * helped < (int64_t)(team - 1) * n_units)
+        || waited > finished - started;
+}
 
 static void cbn_pool_run(cbn_unit_fn fn, const void *job, ptrdiff_t n_units, int team,
                          ptrdiff_t elements)
@@ -254,58 +350,22 @@ static void cbn_pool_run(cbn_unit_fn fn, const void *job, ptrdiff_t n_units, int
         return;
     }
     int64_t started = cbn_now_ns();
+    CBN_STORE(&cbn_pool.caller_cpu, cbn_current_cpu());
     int had = cbn_pool.helpers, helpers = cbn_pool_grow(team - 1);
     /* New helpers are still starting: as good as asleep. */
     int asleep = CBN_LOAD(&cbn_pool.sleepers) > 0 || helpers > had;
+    if (cbn_pool.nudged_at && started - cbn_pool.nudged_at > CBN_POOL_WAKE_NS) {
+        /* Nudged a while ago: still asleep means their cores are busy (or
+         * they share the caller's). */
+        cbn_pool.nudged_at = 0;
+        cbn_pool_judge(asleep);
+    }
     int in_spell = cbn_pool.backoff > 0 && started < cbn_pool.alone_until;
-    int alone = helpers == 0 || in_spell || (asleep && elements < CBN_POOL_WAKE_ELEMENTS);
-    if (alone) {
-        if (asleep && !in_spell && started - cbn_pool.last_end < CBN_POOL_SPIN_NS) {
-            __atomic_fetch_add(&cbn_pool.nudges, 1, __ATOMIC_SEQ_CST);
-            cbn_pool_wake();
-        }
-        cbn_run_serial(fn, job, n_units);
-        cbn_pool.last_end = cbn_now_ns();
-        CBN_STORE(&cbn_pool.busy, 0);
-        return;
-    }
-    if (team > helpers + 1)
-        team = helpers + 1;
-    uint32_t generation = cbn_generation(CBN_LOAD(&cbn_pool.ticket));
-    CBN_STORE(&cbn_pool.ticket, ((uint64_t)generation << 32) | CBN_POOL_CLOSED);
-    CBN_STORE(&cbn_pool.fn, fn);
-    CBN_STORE(&cbn_pool.job, job);
-    CBN_STORE(&cbn_pool.n_units, (int64_t)n_units);
-    CBN_STORE(&cbn_pool.team, team);
-    CBN_STORE(&cbn_pool.done, 0);
-    generation++;
-    CBN_STORE(&cbn_pool.ticket, (uint64_t)generation << 32);
-    if (CBN_LOAD(&cbn_pool.sleepers) > 0) {
-        asleep = 1;
-        cbn_pool_wake();
-    }
-    int64_t helped = (int64_t)n_units - cbn_pool_work(0, generation);
-    /* Every unit is claimed; wait for those running on helpers. */
-    int64_t finished = cbn_now_ns(), waited = 0;
-    for (int turn = 1; CBN_LOAD(&cbn_pool.done) < (int64_t)n_units; turn++) {
-        if (turn < 4096)
-            CBN_PAUSE();
-        else
-            sched_yield();  /* a helper was preempted: let it run */
-        if (turn % 64 == 0)
-            waited = cbn_now_ns() - finished;
-    }
-    if ((!asleep && 2 * team * helped < (int64_t)(team - 1) * n_units)
-        || waited > finished - started) {
-        cbn_pool.backoff = cbn_pool.backoff ? 2 * cbn_pool.backoff : CBN_POOL_MIN_ALONE_NS;
-        if (cbn_pool.backoff > CBN_POOL_MAX_ALONE_NS)
-            cbn_pool.backoff = CBN_POOL_MAX_ALONE_NS;
-        cbn_pool.alone_until = cbn_now_ns() + cbn_pool.backoff;
-    } else {
-        cbn_pool.backoff /= 2;
-        if (cbn_pool.backoff < CBN_POOL_MIN_ALONE_NS)
-            cbn_pool.backoff = 0;
-    }
+    if (helpers == 0 || in_spell || (asleep && elements < CBN_POOL_WAKE_ELEMENTS))
+        cbn_pool_run_alone(fn, job, n_units, asleep, in_spell, started);
+    else
+        cbn_pool_judge(cbn_pool_share(fn, job, n_units, team < helpers + 1 ? team : helpers + 1,
+                                      started));
     cbn_pool.last_end = cbn_now_ns();
     CBN_STORE(&cbn_pool.busy, 0);
 }
