@@ -104,6 +104,10 @@ cdef enum:
     STREAM_MIN_BYTES = 16 << 20
 
 
+# Offsets beyond this do not fit a float32 (FLT_MAX is about 3.4e38).
+cdef double FLOAT_LIMIT = 1e38
+
+
 include "_plan.pxi"
 
 
@@ -580,8 +584,8 @@ ctypedef struct ElementParams:   # per channel, or per column when by_rows
 
 
 cdef enum LaneParam:   # rows of ElementParams.lanes
-    LANE_MEAN_HI       # the mean split in two floats (split_mean)
-    LANE_MEAN_LO
+    LANE_HI            # normalize: its offset split in two floats (NormalizeF32);
+    LANE_LO            # the input gradient: the mean split (split_mean)
     LANE_SCALE
     LANE_SHIFT         # OP_NORMALIZE*
     LANE_MEAN_DY_HI = 3  # OP_GRAD_INPUT, in place of the shift
@@ -673,17 +677,47 @@ cdef inline void relu_grad_span(const floating* dy, const floating* y, floating*
         dz[i] = 0 if y[i] <= 0 else dy[i]
 
 
-# float32 lanes. float32 data is normalized in float32 arithmetic, twice as
-# many values per instruction as double. The mean is split in two floats,
-# hi = float(mean) and lo = float(mean - hi), and subtracted as
-# (x - hi) - lo: near the mean x - hi is exact (Sterbenz), so a large mean
-# relative to the spread costs no accuracy, and far from it the rounding is
-# relative to |x - mean|. Each output then carries a few float32 roundings
-# of its own size, well inside the accuracy contract (1e-5 * (1 + |y|)).
+# float32 lanes: float32 data is normalized in float32 arithmetic, twice as
+# many values per instruction as double, without losing the accuracy of a
+# double computation rounded once (outputs within a few float32 ulps of y):
+#
+# - normalize: y = (x - mean) * scale + shift = (x + d) * scale with
+#   d = shift / scale - mean, computed in double and split in two floats
+#   (hi = float(d), lo = float(d - hi)); y = ((x + hi) + lo) * s. Each
+#   rounding is relative to |x + d| = |y / scale|, so to |y| in the end,
+#   however large the mean, the scaled term or the shift (a plain float32
+#   (x - mean) * s + b would round relative to |b| and |(x - mean) * s|,
+#   which cancel when y is near 0). Where d is not a finite float (scale 0,
+#   or shift / scale beyond float range), the offset is -mean and the shift
+#   is added after the scaling.
+# - input gradient: both means are split, (dy - g_hi) - g_lo and
+#   (x - m_hi) - m_lo, exact near the means (Sterbenz).
+
+ctypedef struct NormalizeF32:   # normalize's float32 parameters of a channel
+    float hi, lo                # the offset d, split
+    float scale
+    float shift                 # 0, or the shift where d is not usable
+
 
 cdef inline void split_mean(double mean, float* hi, float* lo) noexcept nogil:
     hi[0] = <float>mean
     lo[0] = <float>(mean - <double>hi[0])
+
+
+cdef inline NormalizeF32 normalize_f32(double mean, double scale,
+                                       double shift) noexcept nogil:
+    cdef NormalizeF32 q
+    cdef double d = -mean
+    q.scale = <float>scale
+    q.shift = <float>shift
+    if scale != 0:
+        d = shift / scale - mean
+        if -FLOAT_LIMIT <= d <= FLOAT_LIMIT:  # also false for NaN
+            q.shift = 0
+        else:
+            d = -mean
+    split_mean(d, &q.hi, &q.lo)
+    return q
 
 
 cdef inline void normalize_span_f32(const float* x, float* y, Py_ssize_t n,
@@ -691,15 +725,15 @@ cdef inline void normalize_span_f32(const float* x, float* y, Py_ssize_t n,
                                     bint relu) noexcept nogil:
     """normalize_span for float32 data, in float32 lanes."""
     cdef Py_ssize_t i
-    cdef float hi, lo, v, s = <float>scale, b = <float>shift
-    split_mean(mean, &hi, &lo)
+    cdef float v
+    cdef NormalizeF32 q = normalize_f32(mean, scale, shift)
     if relu:
         for i in range(n):
-            v = ((x[i] - hi) - lo) * s + b
+            v = ((x[i] + q.hi) + q.lo) * q.scale + q.shift
             y[i] = 0 if v < 0 else v
     else:
         for i in range(n):
-            y[i] = ((x[i] - hi) - lo) * s + b
+            y[i] = ((x[i] + q.hi) + q.lo) * q.scale + q.shift
 
 
 cdef inline void normalize_span_cols_f32(const float* x, float* y, Py_ssize_t n,
@@ -708,17 +742,17 @@ cdef inline void normalize_span_cols_f32(const float* x, float* y, Py_ssize_t n,
     """The same along a row, with per-column parameters (LaneParam rows)."""
     cdef Py_ssize_t j
     cdef float v
-    cdef const float* hi = lanes + LANE_MEAN_HI * stride
-    cdef const float* lo = lanes + LANE_MEAN_LO * stride
+    cdef const float* hi = lanes + LANE_HI * stride
+    cdef const float* lo = lanes + LANE_LO * stride
     cdef const float* s = lanes + LANE_SCALE * stride
     cdef const float* b = lanes + LANE_SHIFT * stride
     if relu:
         for j in range(n):
-            v = ((x[j] - hi[j]) - lo[j]) * s[j] + b[j]
+            v = ((x[j] + hi[j]) + lo[j]) * s[j] + b[j]
             y[j] = 0 if v < 0 else v
     else:
         for j in range(n):
-            y[j] = ((x[j] - hi[j]) - lo[j]) * s[j] + b[j]
+            y[j] = ((x[j] + hi[j]) + lo[j]) * s[j] + b[j]
 
 
 cdef inline void grad_input_span_f32(const float* dy, const float* x, float* dx,
@@ -737,8 +771,8 @@ cdef inline void grad_input_span_cols_f32(const float* dy, const float* x, float
                                           Py_ssize_t n, const float* lanes,
                                           Py_ssize_t stride) noexcept nogil:
     cdef Py_ssize_t j
-    cdef const float* m_hi = lanes + LANE_MEAN_HI * stride
-    cdef const float* m_lo = lanes + LANE_MEAN_LO * stride
+    cdef const float* m_hi = lanes + LANE_HI * stride
+    cdef const float* m_lo = lanes + LANE_LO * stride
     cdef const float* s = lanes + LANE_SCALE * stride
     cdef const float* g_hi = lanes + LANE_MEAN_DY_HI * stride
     cdef const float* g_lo = lanes + LANE_MEAN_DY_LO * stride
@@ -772,24 +806,26 @@ cdef void float_lane_params(int op, const ElementParams* p, Py_ssize_t C,
     """The float32 parameters of every column of a row (column c * inner + i
     is channel c)."""
     cdef Py_ssize_t c, i, j, W = C * inner
-    cdef float hi, lo, g_hi, g_lo, s, third
+    cdef float hi, lo, s, fourth, fifth = 0, sixth = 0
+    cdef NormalizeF32 q
     for c in range(C):
-        split_mean(p.mean[c], &hi, &lo)
-        s = <float>p.scale[c]
         if op == OP_GRAD_INPUT:
-            split_mean(p.mean_dy[c], &g_hi, &g_lo)
-            third = <float>p.proj[c]
+            split_mean(p.mean[c], &hi, &lo)
+            s = <float>p.scale[c]
+            split_mean(p.mean_dy[c], &fourth, &fifth)
+            sixth = <float>p.proj[c]
         else:
-            g_hi = <float>p.shift[c]
+            q = normalize_f32(p.mean[c], p.scale[c], p.shift[c])
+            hi, lo, s, fourth = q.hi, q.lo, q.scale, q.shift
         for i in range(inner):
             j = c * inner + i
-            lanes[LANE_MEAN_HI * W + j] = hi
-            lanes[LANE_MEAN_LO * W + j] = lo
+            lanes[LANE_HI * W + j] = hi
+            lanes[LANE_LO * W + j] = lo
             lanes[LANE_SCALE * W + j] = s
-            lanes[LANE_SHIFT * W + j] = g_hi  # the shift, or the split mean_dy
+            lanes[LANE_SHIFT * W + j] = fourth  # the shift, or the split mean_dy
             if op == OP_GRAD_INPUT:
-                lanes[LANE_MEAN_DY_LO * W + j] = g_lo
-                lanes[LANE_PROJ * W + j] = third
+                lanes[LANE_MEAN_DY_LO * W + j] = fifth
+                lanes[LANE_PROJ * W + j] = sixth
 
 
 cdef inline void op_span(int op, const floating* a, const floating* b, floating* out,
@@ -856,13 +892,13 @@ cdef inline void elementwise_share(const Elementwise* e, Py_ssize_t k,
         if s.by_rows and not e.stream and e.op != OP_RELU_GRAD:
             if e.op == OP_GRAD_INPUT:
                 cbn_grad_input_rows_f32(a + start * W, b + start * W, out + start * W, W,
-                                        stop - start, L + LANE_MEAN_HI * W,
-                                        L + LANE_MEAN_LO * W, L + LANE_SCALE * W,
+                                        stop - start, L + LANE_HI * W,
+                                        L + LANE_LO * W, L + LANE_SCALE * W,
                                         L + LANE_MEAN_DY_HI * W, L + LANE_MEAN_DY_LO * W,
                                         L + LANE_PROJ * W)
             else:
                 cbn_normalize_rows_f32(a + start * W, out + start * W, W, stop - start,
-                                       L + LANE_MEAN_HI * W, L + LANE_MEAN_LO * W,
+                                       L + LANE_HI * W, L + LANE_LO * W,
                                        L + LANE_SCALE * W, L + LANE_SHIFT * W,
                                        e.op == OP_NORMALIZE_RELU)
             return

@@ -204,7 +204,8 @@ cdef inline Py_ssize_t share_start(const SharePlan* s, Py_ssize_t k) noexcept no
     cdef Py_ssize_t start
     if k >= s.n_shares:
         return s.n_items
-    start = s.n_items * k // s.n_shares
+    # n_items * k // n_shares, without forming n_items * k (it could overflow)
+    start = (s.n_items // s.n_shares) * k + (s.n_items % s.n_shares) * k // s.n_shares
     return start - start % s.granule
 
 

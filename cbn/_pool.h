@@ -51,6 +51,9 @@ static inline void cbn_run_serial(cbn_unit_fn fn, const void *job, ptrdiff_t n_u
     && !defined(CBN_POOL_SERIAL)
 #define CBN_POOL_THREADS 1
 
+#if defined(__linux__) && !defined(_GNU_SOURCE)
+#define _GNU_SOURCE  /* sched_getcpu; Python.h, included first, defines it too */
+#endif
 #include <pthread.h>
 #include <signal.h>
 #include <sched.h>
@@ -58,8 +61,15 @@ static inline void cbn_run_serial(cbn_unit_fn fn, const void *job, ptrdiff_t n_u
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define CBN_PAUSE() _mm_pause()
+/* The caller's floating-point mode (flush-to-zero, denormals-are-zero),
+ * which a helper takes on before running a job's units: it may differ from
+ * the mode the helper was created with (torch.set_flush_denormal, say). */
+#define CBN_FP_MODE() _mm_getcsr()
+#define CBN_SET_FP_MODE(m) _mm_setcsr(m)
 #else
 #define CBN_PAUSE() ((void)0)
+#define CBN_FP_MODE() 0u
+#define CBN_SET_FP_MODE(m) ((void)(m))
 #endif
 
 #define CBN_POOL_CLOSED 0xFFFFFFFFu
@@ -79,6 +89,7 @@ static struct {
     const void *job;
     int64_t n_units;
     int team;
+    unsigned fp_mode;         /* the caller's floating-point mode */
     int busy;                 /* a caller owns the pool */
     int helpers;              /* helpers started */
     int sleepers;             /* helpers waiting on ``wake`` */
@@ -92,7 +103,7 @@ static struct {
     int64_t nudged_at;        /* owner only: when sleeping helpers were nudged, or 0 */
     pthread_mutex_t lock;     /* guards sleeping and starting helpers */
     pthread_cond_t wake;
-} cbn_pool = {0, 0, NULL, NULL, 0, 0, 0, 0, 0, 0, -1, 0, 0, 0, 0, 0, 0,
+} cbn_pool = {0, 0, NULL, NULL, 0, 0, 0, 0, 0, 0, 0, -1, 0, 0, 0, 0, 0, 0,
               PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
 #define CBN_LOAD(p) __atomic_load_n(p, __ATOMIC_SEQ_CST)
@@ -123,9 +134,12 @@ static int64_t cbn_pool_work(int worker, uint32_t generation)
         int team = CBN_LOAD(&cbn_pool.team);
         if ((int64_t)unit >= n_units || worker >= team)
             return ran;  /* all claimed (or closed), or not one of this job's team */
+        unsigned fp_mode = CBN_LOAD(&cbn_pool.fp_mode);
         if (!__atomic_compare_exchange_n(&cbn_pool.ticket, &ticket, ticket + 1, 0,
                                          __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
             continue;
+        if (worker > 0 && CBN_FP_MODE() != fp_mode)
+            CBN_SET_FP_MODE(fp_mode);
         fn(job, (ptrdiff_t)unit, worker);
         __atomic_fetch_add(&cbn_pool.done, 1, __ATOMIC_SEQ_CST);
         ran++;
@@ -217,9 +231,14 @@ static int cbn_pool_grow(int wanted)
         pthread_atfork(NULL, NULL, cbn_pool_after_fork_in_child);
         fork_handler = 1;
     }
-    /* Helpers never take signals: Python handles them on its main thread. */
+    /* Helpers take no asynchronous signals (Python handles them on its main
+     * thread); a fault in a helper still kills the process with its signal. */
     sigset_t all, saved;
     sigfillset(&all);
+    sigdelset(&all, SIGSEGV);
+    sigdelset(&all, SIGBUS);
+    sigdelset(&all, SIGFPE);
+    sigdelset(&all, SIGILL);
     pthread_sigmask(SIG_SETMASK, &all, &saved);
     pthread_attr_t attr;
     pthread_attr_init(&attr);
@@ -316,6 +335,7 @@ static int cbn_pool_share(cbn_unit_fn fn, const void *job, ptrdiff_t n_units, in
     CBN_STORE(&cbn_pool.job, job);
     CBN_STORE(&cbn_pool.n_units, (int64_t)n_units);
     CBN_STORE(&cbn_pool.team, team);
+    CBN_STORE(&cbn_pool.fp_mode, CBN_FP_MODE());
     CBN_STORE(&cbn_pool.done, 0);
     generation++;
     CBN_STORE(&cbn_pool.ticket, (uint64_t)generation << 32);

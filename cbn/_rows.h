@@ -10,8 +10,9 @@
  * no iteration depends on another.
  *
  * The arithmetic is that of the Cython spans in _kernels_impl.pxi
- * (normalize_span_cols_f32, grad_input_span_cols_f32): float32 with the
- * mean split in two floats, (x - hi) - lo; the results are the same bits.
+ * (normalize_span_cols_f32, grad_input_span_cols_f32, whose comments give
+ * the scheme: an offset or a mean split in two floats); the results are the
+ * same bits.
  */
 #ifndef CBN_ROWS_H
 #define CBN_ROWS_H
@@ -30,7 +31,7 @@
 #define CBN_IVDEP
 #endif
 
-/* y = ((x - hi) - lo) * scale + shift per column, then max(y, 0) with relu
+/* y = ((x + hi) + lo) * scale + shift per column, then max(y, 0) with relu
  * (NaN stays NaN); columns 0 ... width - 1 of n_rows rows of W columns. */
 static void cbn_normalize_tile_f32(const float *x, float *y, ptrdiff_t W, ptrdiff_t width,
                                    ptrdiff_t n_rows, const float *hi, const float *lo, const float *scale,
@@ -44,8 +45,8 @@ static void cbn_normalize_tile_f32(const float *x, float *y, ptrdiff_t W, ptrdif
             CBN_IVDEP
             for (ptrdiff_t j = 0; j < width; j++) {
                 float h = hi[j], l = lo[j], s = scale[j], b = shift[j];
-                float v0 = ((x0[j] - h) - l) * s + b, v1 = ((x1[j] - h) - l) * s + b;
-                float v2 = ((x2[j] - h) - l) * s + b, v3 = ((x3[j] - h) - l) * s + b;
+                float v0 = ((x0[j] + h) + l) * s + b, v1 = ((x1[j] + h) + l) * s + b;
+                float v2 = ((x2[j] + h) + l) * s + b, v3 = ((x3[j] + h) + l) * s + b;
                 y0[j] = v0 < 0 ? 0 : v0;
                 y1[j] = v1 < 0 ? 0 : v1;
                 y2[j] = v2 < 0 ? 0 : v2;
@@ -55,10 +56,10 @@ static void cbn_normalize_tile_f32(const float *x, float *y, ptrdiff_t W, ptrdif
             CBN_IVDEP
             for (ptrdiff_t j = 0; j < width; j++) {
                 float h = hi[j], l = lo[j], s = scale[j], b = shift[j];
-                y0[j] = ((x0[j] - h) - l) * s + b;
-                y1[j] = ((x1[j] - h) - l) * s + b;
-                y2[j] = ((x2[j] - h) - l) * s + b;
-                y3[j] = ((x3[j] - h) - l) * s + b;
+                y0[j] = ((x0[j] + h) + l) * s + b;
+                y1[j] = ((x1[j] + h) + l) * s + b;
+                y2[j] = ((x2[j] + h) + l) * s + b;
+                y3[j] = ((x3[j] + h) + l) * s + b;
             }
         }
     }
@@ -67,7 +68,7 @@ static void cbn_normalize_tile_f32(const float *x, float *y, ptrdiff_t W, ptrdif
         float *yr = y + r * W;
         CBN_IVDEP
         for (ptrdiff_t j = 0; j < width; j++) {
-            float v = ((xr[j] - hi[j]) - lo[j]) * scale[j] + shift[j];
+            float v = ((xr[j] + hi[j]) + lo[j]) * scale[j] + shift[j];
             yr[j] = relu && v < 0 ? 0 : v;
         }
     }

@@ -286,3 +286,29 @@ def test_kernels_release_the_gil(rng, restore_threads, call):
     thread.join()
     assert not np.isnan(out.flat[-1])
     assert not last_written
+
+
+FLUSH_DENORMAL_CHILD = """
+import numpy as np, torch, cbn
+x = (1e-9 * np.random.default_rng(0).standard_normal((512, 4096))).astype(np.float32)
+c = x.shape[1]
+args = (np.zeros(c), np.ones(c), np.full(c, 1e-30), np.zeros(c))  # y near 1e-39
+cbn.set_num_threads(2)
+cbn.batch_norm(x, *args)             # the helpers start, in the default mode
+torch.set_flush_denormal(True)       # flush-to-zero on this thread only
+cbn.set_num_threads(1)
+serial = cbn.batch_norm(x, *args)
+cbn.set_num_threads(2)
+pooled = [cbn.batch_norm(x, *args) for _ in range(5)]
+print(int((serial == 0).all()), int(all(p.tobytes() == serial.tobytes() for p in pooled)))
+"""
+
+
+def test_helpers_take_on_the_callers_floating_point_mode():
+    # With flush-to-zero on the calling thread, denormal outputs are 0 there;
+    # the helpers must compute the same, whatever mode they started with.
+    pytest.importorskip("torch")
+    out = subprocess.run([sys.executable, "-c", FLUSH_DENORMAL_CHILD], capture_output=True,
+                         text=True, timeout=120, cwd=os.path.dirname(__file__))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "1"]
