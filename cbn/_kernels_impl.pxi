@@ -48,8 +48,9 @@
 # elements two-pass (mean, then squared deviations from it) while it sits in
 # L1; the interleaved walk sums each unit's deviations from its first row (a
 # value within the spread) in one pass. Partial results combine with Chan et
-# al.'s pairwise update. Elementwise kernels subtract the mean in double
-# before scaling.
+# al.'s pairwise update. Elementwise kernels compute float64 data in double
+# and float32 data in float32 lanes whose roundings stay relative to the
+# output (see "float32 lanes" below).
 
 from cython cimport floating
 from libc.math cimport sqrt
