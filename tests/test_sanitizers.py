@@ -75,8 +75,16 @@ def test_whole_suite_is_clean_under_address_and_undefined_behaviour_sanitizers(t
     for module in kernels:  # the build really is instrumented
         linked = subprocess.run(["ldd", str(module)], capture_output=True, text=True).stdout
         assert "libasan" in linked and "libubsan" in linked, linked
-    env = dict(os.environ, PYTHONPATH=str(site), LD_PRELOAD=preload(),
-               ASAN_OPTIONS=ASAN_OPTIONS, UBSAN_OPTIONS="print_stacktrace=1")
+    # OpenVINO's runtime ends the process (exit status 1, no message) under
+    # ASan's interceptors, so this run hides it: its imports fail and the
+    # benchmark tests that need it skip here (the plain suite runs them).
+    hidden = tmp_path / "hidden"
+    (hidden / "openvino").mkdir(parents=True)
+    (hidden / "openvino" / "__init__.py").write_text(
+        "raise ModuleNotFoundError('openvino is hidden in the sanitizer run')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(hidden)]),
+               LD_PRELOAD=preload(), ASAN_OPTIONS=ASAN_OPTIONS,
+               UBSAN_OPTIONS="print_stacktrace=1")
     env.pop("CBN_TEST_INPLACE", None)
     where = subprocess.run([sys.executable, "-c", "import cbn; print(cbn.__file__)"],
                            cwd=tmp_path, env=env, capture_output=True, text=True,
