@@ -595,6 +595,10 @@ cdef enum LaneParam:   # rows of ElementParams.lanes
     LANE_PARAMS        # rows in all
 
 
+cdef enum:
+    SMALL_ROW = 256    # rows this short keep their float32 parameters on the stack
+
+
 cdef inline ElementParams element_params(const double* mean, const double* scale,
                                          const double* shift, const double* mean_dy,
                                          const double* proj) noexcept nogil:
@@ -805,28 +809,35 @@ cdef void float_lane_params(int op, const ElementParams* p, Py_ssize_t C,
                             float* lanes   # OUT (LANE_PARAMS, C * inner)
                             ) noexcept nogil:
     """The float32 parameters of every column of a row (column c * inner + i
-    is channel c)."""
-    cdef Py_ssize_t c, i, j, W = C * inner
-    cdef float hi, lo, s, fourth, fifth = 0, sixth = 0
-    cdef NormalizeF32 q
-    for c in range(C):
-        if op == OP_GRAD_INPUT:
-            split_mean(p.mean[c], &hi, &lo)
-            s = <float>p.scale[c]
-            split_mean(p.mean_dy[c], &fourth, &fifth)
-            sixth = <float>p.proj[c]
-        else:
-            q = normalize_f32(p.mean[c], p.scale[c], p.shift[c])
-            hi, lo, s, fourth = q.hi, q.lo, q.scale, q.shift
-        for i in range(inner):
-            j = c * inner + i
-            lanes[LANE_HI * W + j] = hi
-            lanes[LANE_LO * W + j] = lo
-            lanes[LANE_SCALE * W + j] = s
-            lanes[LANE_SHIFT * W + j] = fourth  # the shift, or the split mean_dy
-            if op == OP_GRAD_INPUT:
-                lanes[LANE_MEAN_DY_LO * W + j] = fifth
-                lanes[LANE_PROJ * W + j] = sixth
+    is channel c): first per channel in the first C columns, a loop without
+    branches that vectorizes (it is most of a small call's work), then
+    spread over the columns."""
+    cdef Py_ssize_t c, i, k, W = C * inner
+    cdef double d
+    cdef bint usable
+    cdef int rows = LANE_PARAMS if op == OP_GRAD_INPUT else LANE_SHIFT + 1
+    if op == OP_GRAD_INPUT:
+        for c in range(C):
+            split_mean(p.mean[c], &lanes[LANE_HI * W + c], &lanes[LANE_LO * W + c])
+            lanes[LANE_SCALE * W + c] = <float>p.scale[c]
+            split_mean(p.mean_dy[c], &lanes[LANE_MEAN_DY_HI * W + c],
+                       &lanes[LANE_MEAN_DY_LO * W + c])
+            lanes[LANE_PROJ * W + c] = <float>p.proj[c]
+    else:
+        for c in range(C):  # normalize_f32, written as blends
+            d = p.shift[c] / p.scale[c] - p.mean[c]
+            usable = p.scale[c] != 0 and -FLOAT_LIMIT <= d <= FLOAT_LIMIT
+            d = d if usable else -p.mean[c]
+            lanes[LANE_HI * W + c] = <float>d
+            lanes[LANE_LO * W + c] = <float>(d - <double><float>d)
+            lanes[LANE_SCALE * W + c] = <float>p.scale[c]
+            lanes[LANE_SHIFT * W + c] = 0 if usable else <float>p.shift[c]
+    if inner == 1:
+        return
+    for k in range(rows):  # column c * inner + i takes channel c's values
+        for c in range(C - 1, -1, -1):
+            for i in range(inner - 1, -1, -1):
+                lanes[k * W + c * inner + i] = lanes[k * W + c]
 
 
 cdef inline void op_span(int op, const floating* a, const floating* b, floating* out,
@@ -929,17 +940,21 @@ cdef int elementwise_impl(int op, const floating* a, const floating* b, floating
     cdef Job job
     cdef double* cols = NULL
     cdef float* lanes = NULL
+    cdef float small_lanes[LANE_PARAMS * SMALL_ROW]
     cdef Py_ssize_t W = C * inner
     e.shares = plan_shares(outer, C, inner, num_threads)
     e.op = op
     e.params = params
     e.stream = stream
     if e.shares.by_rows and op != OP_RELU_GRAD and floating is float:
-        lanes = <float*>malloc(LANE_PARAMS * W * sizeof(float))
-        if lanes == NULL:
-            return -1
-        float_lane_params(op, &params, C, inner, lanes)
-        e.params.lanes = lanes
+        if W <= SMALL_ROW:  # a small call: no allocation
+            e.params.lanes = small_lanes
+        else:
+            lanes = <float*>malloc(LANE_PARAMS * W * sizeof(float))
+            if lanes == NULL:
+                return -1
+            e.params.lanes = lanes
+        float_lane_params(op, &params, C, inner, <float*>e.params.lanes)
         e.params.lane_stride = W
     elif e.shares.by_rows and inner > 1 and op != OP_RELU_GRAD:
         # Per-column copies of the parameters; for (N, C) they are per-channel.
