@@ -16,3 +16,16 @@ Built = namedtuple("Built", "run output")
 
 class NotSupported(Exception):
     """The runtime cannot run this case as asked; the message says why."""
+
+
+def bound_call(run, x, out, shape):
+    """The Built of a runtime that reads x and writes out through raw
+    pointers (ONNX Runtime's IOBinding, OpenVINO's shared tensors): run
+    holds both arrays, so they live as long as the call; output() is one
+    call's result in x's ``shape``."""
+    run.buffers = (x, out)
+
+    def output():
+        run()
+        return out.reshape(shape).copy()
+    return Built(run, output)

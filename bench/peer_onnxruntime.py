@@ -11,7 +11,7 @@ long either.
 """
 import numpy as np
 
-from .peer_api import Built
+from .peer_api import bound_call
 
 try:
     import onnx
@@ -77,14 +77,7 @@ def batch_norm(x, params, axis, threads, relu=False):
     def run():
         session.run_with_iobinding(binding)
 
-    # The runtime reads and writes these buffers through raw pointers: they
-    # live as long as the call.
-    run.buffers = (x, out)
-
-    def output():
-        run()
-        return out.reshape(shape).copy()
-    return Built(run, output)
+    return bound_call(run, x, out, shape)
 
 
 def network(blocks, batch, threads):

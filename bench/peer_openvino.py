@@ -15,7 +15,7 @@ float32, which is a different computation.
 """
 import numpy as np
 
-from .peer_api import Built, NotSupported
+from .peer_api import NotSupported, bound_call
 
 try:
     import openvino
@@ -72,14 +72,7 @@ def batch_norm(x, params, axis, threads, relu=False):
         request.infer()
     run.nodes = fused_nodes(compiled)
 
-    # The runtime reads and writes these buffers through raw pointers: they
-    # live as long as the call.
-    run.buffers = (x, out)
-
-    def output():
-        run()
-        return out.reshape(shape).copy()
-    return Built(run, output)
+    return bound_call(run, x, out, shape)
 
 
 def network(blocks, batch, threads):
