@@ -43,6 +43,29 @@ cdef int backward_kernel(Block b, const void* dy, const void* x, void* dx,
                           threads)
 
 
+cdef int grad_sums_kernel(Block b, const void* dy, const void* x, const double* mean,
+                          double* sum_dy, double* dotp) noexcept nogil:
+    cdef int threads = threads_for(b.outer * b.C * b.inner)
+    if b.typenum == cnp.NPY_FLOAT:
+        return K.grad_sums_f32(<const float*>dy, <const float*>x, b.outer, b.C, b.inner,
+                               mean, sum_dy, dotp, threads)
+    return K.grad_sums_f64(<const double*>dy, <const double*>x, b.outer, b.C, b.inner,
+                           mean, sum_dy, dotp, threads)
+
+
+cdef int grad_input_kernel(Block b, const void* dy, const void* x, void* dx,
+                           const double* mean, const double* invstd, const double* weight,
+                           const double* sum_dy, const double* dotp,
+                           double count) noexcept nogil:
+    cdef int threads = threads_for(b.outer * b.C * b.inner)
+    if b.typenum == cnp.NPY_FLOAT:
+        return K.grad_input_f32(<const float*>dy, <const float*>x, b.outer, b.C, b.inner,
+                                mean, invstd, weight, sum_dy, dotp, count, <float*>dx,
+                                threads)
+    return K.grad_input_f64(<const double*>dy, <const double*>x, b.outer, b.C, b.inner,
+                            mean, invstd, weight, sum_dy, dotp, count, <double*>dx, threads)
+
+
 cdef void relu_grad_kernel(Block b, const void* dy, const void* y,
                            void* dz) noexcept nogil:
     cdef Py_ssize_t n = b.outer * b.C * b.inner
@@ -134,13 +157,11 @@ cdef Record finish_record(Record r, object out, bint relu):
 
 # -- statistics
 
-def stats(x, axis, out):
-    """cbn.batch_stats: (mean, biased var) in x's dtype, or written to ``out``."""
-    cdef View v = view_of(x, axis, ANY_INPUT, "input")
+cdef object stats_block(View v):
+    """A (2, C) float64 block of ``v``'s per-channel mean and biased
+    variance (NaN for channels with no values)."""
     cdef Py_ssize_t C = v.b.C
     cdef int status = 0
-    if out is not None:
-        out = stats_out(out, v)
     block = new_block(2, C)
     cdef double* mean = row(block, 0, C)
     cdef double* var = row(block, 1, C)
@@ -157,11 +178,37 @@ def stats(x, axis, out):
                 status = K.batch_stats_f64(<const double*>xp, v.b.outer, C, v.b.inner, mean,
                                            var, threads)
         check_scratch(status)
+    return block
+
+
+def stats(x, axis, out):
+    """cbn.batch_stats: (mean, biased var) in x's dtype, or written to ``out``."""
+    cdef View v = view_of(x, axis, ANY_INPUT, "input")
+    if out is not None:
+        out = stats_out(out, v)
+    block = stats_block(v)
     if out is None:
         return block[0].astype(v.result_dtype()), block[1].astype(v.result_dtype())
     out[0][...] = block[0]
     out[1][...] = block[1]
     return out
+
+
+cdef tuple moments_of_view(View v):
+    """(count, mean, m2) of ``v`` per channel: count an int (values per
+    channel), mean and m2 (the sum of squared deviations) new float64 (C,)
+    arrays; zeros for an empty batch."""
+    cdef Py_ssize_t count = v.b.outer * v.b.inner
+    if count == 0:
+        return 0, numpy.zeros(v.b.C), numpy.zeros(v.b.C)
+    block = stats_block(v)
+    block[1] *= count   # biased variance -> m2
+    return count, block[0], block[1]
+
+
+def moments(x, axis, Accepts accepts=ANY_INPUT, str name="input"):
+    """cbn.Moments.of: (count, mean, m2) of ``x``, as moments_of_view."""
+    return moments_of_view(view_of(x, axis, accepts, name))
 
 
 cdef tuple stats_out(object out, View v):
@@ -249,6 +296,101 @@ def forward_stats(x, axis, weight, bias, eps, out):
             channels_as(r.invstd_p, r.num_channels, float64_dtype))
 
 
+@cython.final
+cdef class TrainStep:
+    """A forward with batch statistics, checked and with its output
+    allocated, waiting for its statistics: its own batch's (train_forward),
+    or those of a batch spread over processes (SyncBatchNorm, through
+    train_begin and train_end)."""
+
+    cdef Record r
+    cdef object block              # (R_ROWS, C): statistics, parameters, running stats
+    cdef object out, running_mean, running_var
+    cdef double eps, factor
+    cdef bint update, relu
+    cdef int nonfinite
+
+    # The local batch's moments, when train_begin asked for them
+    cdef readonly Py_ssize_t count
+    cdef readonly object mean, m2
+
+    @property
+    def shape(self):
+        """The shape of this process's input."""
+        return self.r.source.shape
+
+    @property
+    def dtype(self):
+        """The dtype of this process's input."""
+        return self.r.result_dtype()
+
+
+cdef TrainStep train_step(x, axis, Accepts accepts, weight, bias, eps, running_mean,
+                          running_var, momentum, batches_tracked, bint relu, int nonfinite,
+                          out, bint may_overwrite_input):
+    """Every check of a forward with batch statistics; the output allocated."""
+    cdef TrainStep t = TrainStep.__new__(TrainStep)
+    cdef Record r = Record.__new__(Record)
+    cdef View v = view_of(x, axis, accepts, "input", r)
+    cdef Py_ssize_t C = v.b.C
+    t.r = r
+    t.eps = eps_value(eps)
+    t.update = running_mean is not None
+    check_running_pair(running_mean, running_var)
+    momentum = check_momentum(momentum,
+                              allow_none=batches_tracked is not None or not t.update)
+    t.factor = 0.0
+    if t.update:
+        t.factor = 1.0 / (batches_tracked + 1) if momentum is None else momentum
+    if not may_overwrite_input:
+        check_not_over_input(out, v)
+    t.block = new_block(R_ROWS, C)
+    read_channels(weight, C, row(t.block, R_WEIGHT, C), "weight", 1.0, True)
+    read_channels(bias, C, row(t.block, R_BIAS, C), "bias", 0.0, True)
+    if t.update:
+        running_buffer(running_mean, C, "running_mean")
+        running_buffer(running_var, C, "running_var")
+    t.out, t.running_mean, t.running_var = out, running_mean, running_var
+    t.relu, t.nonfinite = relu, nonfinite
+    return t
+
+
+cdef int check_count(Py_ssize_t count, object where) except -1:
+    """PyTorch's rule: one value per channel has no variance."""
+    if count == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got {where}"
+        )
+    return 0
+
+
+cdef Record train_finish(TrainStep t, Py_ssize_t count):
+    """The running statistics updated from the block's statistics over
+    ``count`` values per channel (skipped when there are none); the record."""
+    cdef Record r = t.r
+    cdef Py_ssize_t C = r.b.C
+    cdef double* s = row(t.block, 0, C)
+    cdef bint update = t.update and count > 0 and C > 0
+    if count > 0 and t.nonfinite == NONFINITE_RAISE:
+        bad = [c for c in range(C) if not finite_stats(s + R_MEAN * C, s + R_VAR * C, c)]
+        if bad:
+            raise nonfinite_error(bad)
+    if update:
+        read_channels(t.running_mean, C, s + R_RUNNING_MEAN * C, "running_mean")
+        read_channels(t.running_var, C, s + R_RUNNING_VAR * C, "running_var")
+        running_update(s + R_RUNNING_MEAN * C, s + R_RUNNING_VAR * C, s + R_MEAN * C,
+                       s + R_VAR * C, C, count, t.factor, t.nonfinite == NONFINITE_SKIP)
+        store_into(t.running_mean, s + R_RUNNING_MEAN * C, C)
+        store_into(t.running_var, s + R_RUNNING_VAR * C, C)
+    finish_record(r, t.out, t.relu)
+    r.batch_stats = True
+    r.stats = t.block
+    r.mean_p = s + R_MEAN * C
+    r.invstd_p = s + R_INVSTD * C
+    r.weight_p = s + R_WEIGHT * C
+    return r
+
+
 cpdef Record train_forward(x, axis, Accepts accepts, weight, bias, eps, running_mean,
                            running_var, momentum, batches_tracked, bint relu, int nonfinite,
                            out, bint may_overwrite_input=False):
@@ -258,61 +400,70 @@ cpdef Record train_forward(x, axis, Accepts accepts, weight, bias, eps, running_
     over ``batches_tracked`` earlier batches when momentum is None (layers
     only: functions pass batches_tracked=None). ``out`` may be the input only
     where no backward is expected (``may_overwrite_input``: eval mode)."""
-    cdef Record r = Record.__new__(Record)
-    cdef View v = view_of(x, axis, accepts, "input", r)
+    cdef TrainStep t = train_step(x, axis, accepts, weight, bias, eps, running_mean,
+                                  running_var, momentum, batches_tracked, relu, nonfinite,
+                                  out, may_overwrite_input)
+    cdef View v = t.r
     cdef Py_ssize_t C = v.b.C, n = v.b.outer * v.b.inner
-    cdef double eps_c = eps_value(eps)
-    cdef double factor = 0.0
-    cdef bint update = running_mean is not None
     cdef int status = 0
-    check_running_pair(running_mean, running_var)
-    momentum = check_momentum(momentum, allow_none=batches_tracked is not None or not update)
-    if update:
-        factor = 1.0 / (batches_tracked + 1) if momentum is None else momentum
-    if not may_overwrite_input:
-        check_not_over_input(out, v)
-    block = new_block(R_ROWS, C)
-    read_channels(weight, C, row(block, R_WEIGHT, C), "weight", 1.0, True)
-    read_channels(bias, C, row(block, R_BIAS, C), "bias", 0.0, True)
-    if update:
-        running_buffer(running_mean, C, "running_mean")
-        running_buffer(running_var, C, "running_var")
-    if n == 1:  # PyTorch's rule: one value per channel has no variance
-        raise ValueError(
-            "Expected more than 1 value per channel when training, "
-            f"got input size {v.source.shape}"
-        )
-    output_for(v, out, (running_mean, running_var) if update else ())
+    check_count(n, f"input size {v.source.shape}")
+    output_for(v, out, (running_mean, running_var) if t.update else ())
     cdef const void* xp = data_of(v.data)
     cdef void* yp = data_of(v.kernel)
-    cdef double* s = row(block, 0, C)
+    cdef double* s = row(t.block, 0, C)
     if n == 0 or C == 0:  # an empty batch: no statistics, nothing to update
-        block[R_MEAN:R_INVSTD + 1] = numpy.nan
-        update = False
+        t.block[R_MEAN:R_INVSTD + 1] = numpy.nan
     else:
         with nogil:
-            status = forward_kernel(v.b, xp, yp, s + R_WEIGHT * C, s + R_BIAS * C, eps_c,
+            status = forward_kernel(v.b, xp, yp, s + R_WEIGHT * C, s + R_BIAS * C, t.eps,
                                     True, s + R_MEAN * C, s + R_VAR * C,
                                     s + R_INVSTD * C, relu)
         check_scratch(status)
-        if nonfinite == NONFINITE_RAISE:
-            bad = [c for c in range(C) if not finite_stats(s + R_MEAN * C, s + R_VAR * C, c)]
-            if bad:
-                raise nonfinite_error(bad)
-    if update:
-        read_channels(running_mean, C, s + R_RUNNING_MEAN * C, "running_mean")
-        read_channels(running_var, C, s + R_RUNNING_VAR * C, "running_var")
-        running_update(s + R_RUNNING_MEAN * C, s + R_RUNNING_VAR * C, s + R_MEAN * C,
-                       s + R_VAR * C, C, n, factor, nonfinite == NONFINITE_SKIP)
-        store_into(running_mean, s + R_RUNNING_MEAN * C, C)
-        store_into(running_var, s + R_RUNNING_VAR * C, C)
-    finish_record(r, out, relu)
-    r.batch_stats = True
-    r.stats = block
-    r.mean_p = s + R_MEAN * C
-    r.invstd_p = s + R_INVSTD * C
-    r.weight_p = s + R_WEIGHT * C
-    return r
+    return train_finish(t, n)
+
+
+def train_begin(x, axis, Accepts accepts, weight, bias, eps, running_mean, running_var,
+                momentum, batches_tracked, bint relu, int nonfinite, out):
+    """The first half of a forward on a batch spread over processes: every
+    check of train_forward but the count's (which is the global batch's),
+    the output allocated, and this process's moments (``count``, ``mean``,
+    ``m2``) computed. No state changes."""
+    cdef TrainStep t = train_step(x, axis, accepts, weight, bias, eps, running_mean,
+                                  running_var, momentum, batches_tracked, relu, nonfinite,
+                                  out, False)
+    output_for(t.r, out, (running_mean, running_var) if t.update else ())
+    t.count, t.mean, t.m2 = moments_of_view(t.r)
+    return t
+
+
+def train_end(TrainStep t, Py_ssize_t count, mean, m2):
+    """The second half: normalize with the moments of the global batch
+    (``count`` values per channel, float64 (C,) ``mean`` and ``m2``), update
+    the running statistics, and return the Record."""
+    cdef View v = t.r
+    cdef Py_ssize_t c, C = v.b.C
+    cdef double* s = row(t.block, 0, C)
+    cdef int status = 0
+    check_count(count, "a global batch of 1 value per channel (over all processes)")
+    if count == 0 or C == 0:
+        t.block[R_MEAN:R_INVSTD + 1] = numpy.nan
+        return train_finish(t, 0)
+    read_channels(mean, C, s + R_MEAN * C, "mean")
+    read_channels(m2, C, s + R_VAR * C, "m2")
+    for c in range(C):
+        s[R_VAR * C + c] /= count
+    cdef const void* xp = data_of(v.data)
+    cdef void* yp = data_of(v.kernel)
+    if v.size():
+        with nogil:
+            status = forward_kernel(v.b, xp, yp,
+                                    s + R_WEIGHT * C, s + R_BIAS * C, t.eps, False,
+                                    s + R_MEAN * C, s + R_VAR * C, s + R_INVSTD * C, t.relu)
+        check_scratch(status)
+    else:
+        for c in range(C):
+            s[R_INVSTD * C + c] = 1.0 / sqrt(s[R_VAR * C + c] + t.eps)
+    return train_finish(t, count)
 
 
 def eval_forward(x, axis, weight, bias, running_mean, running_var, eps, momentum,
@@ -398,62 +549,159 @@ cdef View output_view(View v):
     return o
 
 
+@cython.final
+cdef class BackwardStep:
+    """A backward, checked, its output allocated and a fused ReLU's mask
+    applied to dy, waiting for the per-channel sums: its own (run_backward),
+    or those summed over processes (SyncBatchNorm, through backward_begin and
+    backward_end)."""
+
+    cdef View o
+    cdef object keep        # what the pointers below point into
+    cdef object aside       # where the masked dy goes when dx cannot take it
+    cdef const void* dyp    # dy, masked when a ReLU was fused
+    cdef const double* mean_p
+    cdef const double* invstd_p
+    cdef const double* weight_p
+    cdef double* sums       # (3, C): sum of dy, sum of (x - mean) * dy, grad_weight
+    cdef object grad_dtype
+
+    def __dealloc__(self):
+        free(self.sums)
+
+    @property
+    def local_sums(self):
+        """This process's sums as a float64 (2, C) array: sum of dy, then
+        sum of (x - mean) * dy."""
+        cdef Py_ssize_t C = self.o.b.C
+        block = new_block(2, C)
+        store_channels(block[0], self.sums, C)
+        store_channels(block[1], self.sums + C, C)
+        return block
+
+    cdef tuple results(self):
+        """(dx, grad_weight, grad_bias): grad_weight and grad_bias from the
+        local sums (zero for an empty batch, whose statistics are NaN)."""
+        cdef Py_ssize_t c, C = self.o.b.C
+        if self.o.size():
+            for c in range(C):
+                self.sums[2 * C + c] = self.sums[C + c] * self.invstd_p[c]
+        return (finish(self.o), channels_as(self.sums + 2 * C, C, self.grad_dtype),
+                channels_as(self.sums, C, self.grad_dtype))
+
+
+cdef BackwardStep backward_step(View v, object dy, object dy_data, const double* mean,
+                                const double* invstd, const double* weight, object out,
+                                object relu_output, object grad_dtype, bint own_view,
+                                object keep):
+    """A backward of a forward on ``v`` that normalized with ``mean`` and
+    ``invstd`` (held by ``keep``), up to its sums; ``relu_output``: its output
+    when a ReLU was fused (its clipped places pass no gradient). ``own_view``:
+    ``v`` is this call's own, and takes the output (else it is a record, which
+    keeps its forward's)."""
+    cdef BackwardStep t = BackwardStep.__new__(BackwardStep)
+    cdef Py_ssize_t C = v.b.C
+    y_data = None if relu_output is None else view_like(relu_output, v, "output")
+    t.o = v if own_view else output_view(v)
+    output_for(t.o, out, (dy if cnp.PyArray_Check(dy) else None, dy_data, y_data))
+    t.keep, t.grad_dtype = (keep, dy_data), grad_dtype
+    t.mean_p, t.invstd_p, t.weight_p = mean, invstd, weight
+    t.sums = <double*>calloc(3 * C + 1, sizeof(double))
+    if t.sums == NULL:
+        raise MemoryError()
+    t.dyp = data_of(dy_data)
+    cdef void* masked = data_of(t.o.kernel)
+    cdef const void* yp
+    if y_data is not None and t.o.size():
+        # The masked gradient goes where dx will, unless dx is x or the
+        # output (both still to be read): then aside.
+        if shares_memory(t.o.kernel, t.o.data) or shares_memory(t.o.kernel, y_data):
+            t.aside = numpy.empty_like(t.o.kernel)
+            masked = data_of(t.aside)
+        yp = data_of(y_data)
+        with nogil:
+            relu_grad_kernel(t.o.b, t.dyp, yp, masked)
+        t.dyp = masked
+    return t
+
+
 cdef tuple run_backward(View v, object dy, object dy_data, const double* mean,
                         const double* invstd, const double* weight, bint training,
                         object out, object relu_output, object grad_dtype,
-                        bint own_view):
-    """(dx, grad_weight, grad_bias) of a forward on ``v`` that normalized with
-    ``mean`` and ``invstd``; ``relu_output``: its output when a ReLU was
-    fused (its clipped places pass no gradient). ``own_view``: ``v`` is this
-    call's own, and takes the output (else it is a record, which keeps its
-    forward's)."""
-    cdef Py_ssize_t c, C = v.b.C
+                        bint own_view, object keep):
+    """(dx, grad_weight, grad_bias): backward_step, then its sums and dx in
+    one kernel call."""
+    cdef BackwardStep t = backward_step(v, dy, dy_data, mean, invstd, weight, out,
+                                        relu_output, grad_dtype, own_view, keep)
+    cdef Py_ssize_t C = v.b.C
     cdef int status = 0
-    y_data = None if relu_output is None else view_like(relu_output, v, "output")
-    cdef View o = v if own_view else output_view(v)
-    output_for(o, out, (dy if cnp.PyArray_Check(dy) else None, dy_data, y_data))
-    cdef const void* dyp = data_of(dy_data)
-    cdef const void* xp = data_of(o.data)
-    cdef const void* yp = NULL
-    cdef void* dxp = data_of(o.kernel)
-    cdef void* masked = dxp
-    # sum of dy, sum of (x - mean) * dy, grad_weight
-    cdef double* sp = <double*>calloc(3 * C + 1, sizeof(double))
-    if sp == NULL:
+    cdef const void* xp
+    cdef void* dxp
+    if t.o.size():  # an empty batch: nothing flows back (the sums stay 0)
+        xp = data_of(t.o.data)
+        dxp = data_of(t.o.kernel)
+        with nogil:
+            status = backward_kernel(t.o.b, t.dyp, xp, dxp, mean, invstd, weight, training,
+                                     t.sums, t.sums + C)
+        check_scratch(status)
+    return t.results()
+
+
+def backward_begin(Record record, dy, out, grad_dtype, str owner):
+    """The first half of a layer's backward of a forward on a batch spread
+    over processes (train_begin/train_end): every check, and this process's
+    sums (``local_sums``)."""
+    cdef BackwardStep t = backward_step(
+        record, dy, record_dy(record, dy, owner), record.mean_p, record.invstd_p,
+        record.weight_p, out, record.relu_output, grad_dtype, False, record)
+    cdef int status = 0
+    cdef const void* xp = data_of(t.o.data)
+    if t.o.size():
+        with nogil:
+            status = grad_sums_kernel(t.o.b, t.dyp, xp, t.mean_p, t.sums, t.sums + t.o.b.C)
+        check_scratch(status)
+    return t
+
+
+def backward_end(BackwardStep t, sum_dy, dotp, Py_ssize_t count):
+    """The second half: dx from the sums over all processes (float64 (C,)
+    ``sum_dy`` and ``dotp``, over ``count`` values per channel);
+    (dx, grad_weight, grad_bias), the last two from this process's sums."""
+    cdef Py_ssize_t C = t.o.b.C
+    cdef int status = 0
+    cdef const void* xp = data_of(t.o.data)
+    cdef void* dxp = data_of(t.o.kernel)
+    cdef double* total = <double*>malloc(2 * C * sizeof(double) + 1)
+    if total == NULL:
         raise MemoryError()
     try:
-        if o.size():  # an empty batch: nothing flows back (the sums stay 0)
-            if y_data is not None:
-                # The masked gradient goes where dx will, unless dx is x or the
-                # output (both still to be read): then aside.
-                if shares_memory(o.kernel, o.data) or shares_memory(o.kernel, y_data):
-                    aside = numpy.empty_like(o.kernel)
-                    masked = data_of(aside)
-                yp = data_of(y_data)
+        read_channels(sum_dy, C, total, "sum_dy")
+        read_channels(dotp, C, total + C, "dotp")
+        if t.o.size():
             with nogil:
-                if yp != NULL:
-                    relu_grad_kernel(o.b, dyp, yp, masked)
-                    dyp = masked
-                status = backward_kernel(o.b, dyp, xp, dxp, mean, invstd, weight, training,
-                                         sp, sp + C)
-                for c in range(C):
-                    sp[2 * C + c] = sp[C + c] * invstd[c]
+                status = grad_input_kernel(t.o.b, t.dyp, xp, dxp, t.mean_p, t.invstd_p,
+                                           t.weight_p, total, total + C, <double>count)
             check_scratch(status)
-        return finish(o), channels_as(sp + 2 * C, C, grad_dtype), channels_as(sp, C, grad_dtype)
     finally:
-        free(sp)
+        free(total)
+    return t.results()
 
 
-def record_backward(Record record, dy, out, grad_dtype, str owner):
-    """A layer's backward of the forward ``record`` describes."""
+cdef object record_dy(Record record, object dy, str owner):
+    """``dy`` for a backward of ``record``'s forward, as the kernels read it."""
     if record.overwritten:
         raise ValueError(
             f"{owner}.backward: the last forward wrote its output over its input "
             "(out=x), and backward needs the input"
         )
-    return run_backward(record, dy, view_like(dy, record, "dy"), record.mean_p,
+    return view_like(dy, record, "dy")
+
+
+def record_backward(Record record, dy, out, grad_dtype, str owner):
+    """A layer's backward of the forward ``record`` describes."""
+    return run_backward(record, dy, record_dy(record, dy, owner), record.mean_p,
                         record.invstd_p, record.weight_p, record.batch_stats, out,
-                        record.relu_output, grad_dtype, False)
+                        record.relu_output, grad_dtype, False, record)
 
 
 def backward(dy, x, axis, save_mean, save_invstd, weight, training, out):
@@ -470,6 +718,6 @@ def backward(dy, x, axis, save_mean, save_invstd, weight, training, out):
         training_c = check_training_flag(training)
         dy_data = view_like(dy, v, "dy")  # last: it may copy a huge dy
         return run_backward(v, dy, dy_data, s, s + C, s + 2 * C, training_c, out, None,
-                            v.result_dtype(), True)
+                            v.result_dtype(), True, None)
     finally:
         free(s)

@@ -14,7 +14,7 @@
 #include <Python.h>
 
 #define CBN_KERNEL_TABLE_NAME "cbn.kernel_table"
-#define CBN_KERNEL_TABLE_VERSION 2
+#define CBN_KERNEL_TABLE_VERSION 3
 
 typedef struct {
     int version;
@@ -43,6 +43,24 @@ typedef struct {
                         Py_ssize_t inner, const double *mean, const double *invstd,
                         const double *weight, int training, double *sum_dy, double *dotp,
                         double *dx, int threads);
+    /* The backward's two halves, for sums that are combined across processes
+     * in between (SyncBatchNorm): the per-channel sum of dy and of
+     * (x - mean) * dy of a non-empty block, then the training-mode input
+     * gradient from sums over ``count`` values per channel; dx may be dy or x. */
+    int (*grad_sums_f32)(const float *dy, const float *x, Py_ssize_t outer, Py_ssize_t C,
+                         Py_ssize_t inner, const double *mean, double *sum_dy, double *dotp,
+                         int threads);
+    int (*grad_sums_f64)(const double *dy, const double *x, Py_ssize_t outer, Py_ssize_t C,
+                         Py_ssize_t inner, const double *mean, double *sum_dy, double *dotp,
+                         int threads);
+    int (*grad_input_f32)(const float *dy, const float *x, Py_ssize_t outer, Py_ssize_t C,
+                          Py_ssize_t inner, const double *mean, const double *invstd,
+                          const double *weight, const double *sum_dy, const double *dotp,
+                          double count, float *dx, int threads);
+    int (*grad_input_f64)(const double *dy, const double *x, Py_ssize_t outer, Py_ssize_t C,
+                          Py_ssize_t inner, const double *mean, const double *invstd,
+                          const double *weight, const double *sum_dy, const double *dotp,
+                          double count, double *dx, int threads);
     /* y = (x - mean) * scale + shift (then ReLU); y may be x. */
     int (*normalize_f32)(const float *x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
                          const double *mean, const double *scale, const double *shift,

@@ -23,6 +23,17 @@ cdef extern from "_kernel_table.h":
         int (*backward_f64)(const double*, const double*, Py_ssize_t, Py_ssize_t,
                             Py_ssize_t, const double*, const double*, const double*, bint,
                             double*, double*, double*, int) noexcept nogil
+        int (*grad_sums_f32)(const float*, const float*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                             const double*, double*, double*, int) noexcept nogil
+        int (*grad_sums_f64)(const double*, const double*, Py_ssize_t, Py_ssize_t,
+                             Py_ssize_t, const double*, double*, double*, int) noexcept nogil
+        int (*grad_input_f32)(const float*, const float*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                              const double*, const double*, const double*, const double*,
+                              const double*, double, float*, int) noexcept nogil
+        int (*grad_input_f64)(const double*, const double*, Py_ssize_t, Py_ssize_t,
+                              Py_ssize_t, const double*, const double*, const double*,
+                              const double*, const double*, double, double*,
+                              int) noexcept nogil
         int (*normalize_f32)(const float*, Py_ssize_t, Py_ssize_t, Py_ssize_t, const double*,
                              const double*, const double*, float*, bint, bint,
                              int) noexcept nogil

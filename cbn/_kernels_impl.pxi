@@ -1213,6 +1213,36 @@ cdef int forward_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
     return status
 
 
+cdef int grad_input_from_sums_impl(const floating* dyp, const floating* xp,
+                                   Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                                   const double* mean,     # IN (C,): the forward's
+                                   const double* invstd,   # IN (C,): the forward's
+                                   const double* weight,   # IN (C,)
+                                   const double* sum_dy,   # IN (C,): sum of dy
+                                   const double* dotp,     # IN (C,): sum of (x - mean) * dy
+                                   double count,           # values per channel the sums
+                                                           # and statistics cover
+                                   floating* dxp,          # OUT, may be dyp or xp itself
+                                   int num_threads) noexcept nogil:
+    """Training-mode input gradient from per-channel sums that may cover more
+    than this block (SyncBatchNorm's, summed over processes): dx = (dy -
+    sum_dy / count - (x - mean) * dotp * invstd^2 / count) * invstd * weight.
+    Returns 0, or -1 when scratch space cannot be allocated."""
+    cdef Py_ssize_t c
+    cdef int status
+    cdef double* s = <double*>malloc(3 * C * sizeof(double))  # scale, mean_dy, proj
+    if s == NULL:
+        return -1
+    for c in range(C):
+        s[c] = invstd[c] * weight[c]
+        s[C + c] = sum_dy[c] / count
+        s[2 * C + c] = dotp[c] * invstd[c] * invstd[c] / count
+    status = grad_input_impl(dyp, xp, outer, C, inner, mean, s + C, s + 2 * C, s, dxp,
+                             streams(outer * C * inner * sizeof(floating)), num_threads)
+    free(s)
+    return status
+
+
 cdef int backward_impl(const floating* dyp, const floating* xp, Py_ssize_t outer,
                        Py_ssize_t C, Py_ssize_t inner,
                        const double* mean,     # IN (C,): the forward's
@@ -1227,7 +1257,7 @@ cdef int backward_impl(const floating* dyp, const floating* xp, Py_ssize_t outer
     statistics, so dx = (dy - mean(dy) - (x - mean) * dotp * invstd^2 / n)
     * invstd * weight; otherwise the statistics were constants and dx = dy *
     invstd * weight. Returns 0, or -1 when scratch space cannot be allocated."""
-    cdef Py_ssize_t c, n = outer * inner
+    cdef Py_ssize_t c
     cdef double* s
     cdef int status
     cdef FusedChannels f
@@ -1242,20 +1272,17 @@ cdef int backward_impl(const floating* dyp, const floating* xp, Py_ssize_t outer
     status = grad_sums_impl(dyp, xp, outer, C, inner, mean, sum_dy, dotp, num_threads)
     if status < 0:
         return status
-    s = <double*>malloc(3 * C * sizeof(double))  # scale, mean_dy, proj
+    if training:
+        return grad_input_from_sums_impl(dyp, xp, outer, C, inner, mean, invstd, weight,
+                                         sum_dy, dotp, <double>(outer * inner), dxp,
+                                         num_threads)
+    s = <double*>malloc(2 * C * sizeof(double))  # scale, zeros
     if s == NULL:
         return -1
     for c in range(C):
         s[c] = invstd[c] * weight[c]
-        s[C + c] = sum_dy[c] / <double>n
-        s[2 * C + c] = dotp[c] * invstd[c] * invstd[c] / <double>n
-    if training:
-        status = grad_input_impl(dyp, xp, outer, C, inner, mean, s + C, s + 2 * C, s,
-                                 dxp, stream, num_threads)
-    else:
-        for c in range(C):
-            s[C + c] = 0
-        status = normalize_impl(dyp, outer, C, inner, s + C, s, s + C, dxp, False,
-                                stream, num_threads)
+        s[C + c] = 0
+    status = normalize_impl(dyp, outer, C, inner, s + C, s, s + C, dxp, False, stream,
+                            num_threads)
     free(s)
     return status

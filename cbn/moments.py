@@ -1,0 +1,234 @@
+"""Per-channel moments (count, mean, M2) that merge exactly: the one object
+behind dataset calibration, SyncBatchNorm and Dask.
+
+Two sets of moments merge with Chan, Golub and LeVeque's pairwise formula
+("Algorithms for computing the sample variance", 1979):
+
+    n = n_a + n_b,  delta = mean_b - mean_a,
+    mean = mean_a + delta * n_b / n,
+    M2 = M2_a + M2_b + delta**2 * n_a * n_b / n,
+
+in float64. Unlike sums of x and x**2 (which lose the variance entirely once
+|mean| / std reaches about 1e8 in float64), every term is a deviation from a
+mean, so the merge keeps the variance to about 1e-11 whatever the offset.
+M2 is not additive, so merges are applied in a fixed order; the same chunks
+in the same order always give the same bits.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._dispatch import kernels
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, NDArray
+    from typing_extensions import Self
+
+__all__ = ["Moments"]
+
+
+class Moments:
+    """Per-channel count, mean and M2 (sum of squared deviations) of data
+    seen so far, in float64; merges exactly (see the module docstring).
+
+    Parameters
+    ----------
+    num_features : int
+        The number of channels C. A new object is empty (count 0).
+
+    Attributes
+    ----------
+    num_features : int
+        C.
+    count : int
+        Values per channel so far (the same for every channel).
+    mean, m2 : ndarray of float64, shape (C,)
+        The mean and the sum of squared deviations from it (zeros while
+        empty). Read-only views: the object changes only through
+        :meth:`update`.
+
+    Examples
+    --------
+    >>> m = cbn.Moments(3)
+    >>> for batch in batches:          # (N, 3) arrays
+    ...     m.update(batch)
+    >>> m.mean, m.var(ddof=1)          # as if all batches were one
+    """
+
+    __slots__ = ("_num_features", "_count", "_mean", "_m2")
+
+    def __init__(self, num_features: int) -> None:
+        from ._checks import num_features as check_num_features
+        self._num_features = check_num_features(num_features)
+        self._count = 0
+        self._mean = np.zeros(self._num_features)
+        self._m2 = np.zeros(self._num_features)
+        self._freeze()
+
+    @classmethod
+    def _of_parts(cls, count: int, mean: NDArray[np.float64],
+                  m2: NDArray[np.float64]) -> Self:
+        moments = cls.__new__(cls)
+        moments._num_features = mean.shape[0]
+        moments._count, moments._mean, moments._m2 = int(count), mean, m2
+        moments._freeze()
+        return moments
+
+    def _freeze(self) -> None:
+        self._mean.flags.writeable = False
+        self._m2.flags.writeable = False
+
+    # -- from data
+
+    @classmethod
+    def of(cls, x: ArrayLike, *, axis: int = 1) -> Self:
+        """The moments of one batch ``x`` over every axis but ``axis``,
+        computed by cbn's kernels in float64 from data of any float dtype
+        and layout (``x`` may be empty: count 0)."""
+        count, mean, m2 = kernels.moments(x, axis)
+        if mean.shape[0] == 0:
+            raise ValueError(f"x has shape {np.shape(x)}: axis {axis} has no channels")
+        return cls._of_parts(count, mean, m2)
+
+    def update(self, x: ArrayLike, *, axis: int = 1) -> Self:
+        """Merge the batch ``x`` into these moments in place; returns self.
+        On error (a channel count other than ``num_features``, a non-array,
+        a wrong axis) the object is unchanged."""
+        accepts = kernels.Accepts(2, 64, None, self._num_features, type(self).__name__)
+        count, mean, m2 = kernels.moments(x, axis, accepts)
+        self._count, self._mean, self._m2 = merge_parts(
+            (self._count, self._mean, self._m2), (count, mean, m2))
+        self._freeze()
+        return self
+
+    # -- merging
+
+    def merge(self, other: Moments) -> Moments:
+        """The moments of this data followed by ``other``'s, as a new object;
+        both are unchanged."""
+        self._check_mergeable(other, "merge")
+        return Moments._of_parts(*merge_parts((self._count, self._mean, self._m2),
+                                              (other._count, other._mean, other._m2)))
+
+    @classmethod
+    def merge_all(cls, moments: Iterable[Moments]) -> Moments:
+        """Merge ``moments`` left to right, in the order given (the order
+        fixes the bits). At least one is needed (it gives C)."""
+        total = None
+        for k, item in enumerate(moments):
+            if not isinstance(item, Moments):
+                raise TypeError(f"merge_all expects Moments objects, got "
+                                f"{type(item).__name__} at position {k}")
+            if total is None:
+                total = (item._count, item._mean, item._m2)
+                first = item
+                continue
+            first._check_mergeable(item, f"merge_all (position {k})")
+            total = merge_parts(total, (item._count, item._mean, item._m2))
+        if total is None:
+            raise ValueError("merge_all needs at least one Moments object")
+        return Moments._of_parts(*total)
+
+    def _check_mergeable(self, other: Any, what: str) -> None:
+        if not isinstance(other, Moments):
+            raise TypeError(f"{what} expects a Moments object, got {type(other).__name__}")
+        if other._num_features != self._num_features:
+            raise ValueError(
+                f"{what}: cannot merge moments of {other._num_features} channels into "
+                f"moments of {self._num_features}"
+            )
+
+    # -- what it holds
+
+    @property
+    def num_features(self) -> int:
+        return self._num_features
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def mean(self) -> NDArray[np.float64]:
+        return self._mean
+
+    @property
+    def m2(self) -> NDArray[np.float64]:
+        return self._m2
+
+    def var(self, ddof: float = 0) -> NDArray[np.float64]:
+        """``m2 / (count - ddof)`` per channel (ddof=0: biased, 1: unbiased),
+        NaN where ``count - ddof <= 0``."""
+        if isinstance(ddof, bool) or not isinstance(ddof, numbers.Real):
+            raise TypeError(f"ddof must be a real number, got {type(ddof).__name__}")
+        dof = self._count - float(ddof)
+        if not dof > 0:
+            return np.full(self._num_features, np.nan)
+        return self._m2 / dof
+
+    # -- over a wire, in a pickle
+
+    def to_array(self) -> NDArray[np.float64]:
+        """One float64 array of length 2C + 1: count, then mean, then m2."""
+        return np.concatenate(([float(self._count)], self._mean, self._m2))
+
+    @classmethod
+    def from_array(cls, a: ArrayLike) -> Moments:
+        """The inverse of :meth:`to_array`."""
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"from_array expects a NumPy array, got {type(a).__name__}")
+        if a.ndim != 1 or a.size < 3 or a.size % 2 == 0:
+            raise ValueError(f"from_array expects a 1D array of length 2C + 1 (C >= 1), "
+                             f"got shape {a.shape}")
+        if a.dtype.kind not in "fiu":
+            raise TypeError(f"from_array expects a float64 array, got dtype {a.dtype}")
+        values = a.astype(np.float64)
+        return cls._of_parts(wire_count(values[0]), values[1:(a.size + 1) // 2].copy(),
+                             values[(a.size + 1) // 2:].copy())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Moments.from_array, (self.to_array(),))
+
+    def __repr__(self) -> str:
+        return f"Moments(num_features={self._num_features}, count={self._count})"
+
+
+def wire_count(value: float) -> int:
+    """A count read from a float64 word: a non-negative integer."""
+    if not (math.isfinite(value) and value >= 0 and value == math.floor(value)):
+        raise ValueError(f"a moments count must be a non-negative integer, got {value}")
+    return int(value)
+
+
+def merge_parts(a, b):
+    """(count, mean, m2) of a followed by b (Chan, Golub and LeVeque's
+    formula, per channel). Arrays are new; empty sides pass the other's on."""
+    count_a, mean_a, m2_a = a
+    count_b, mean_b, m2_b = b
+    if count_b == 0:
+        return count_a, mean_a, m2_a
+    if count_a == 0:
+        return count_b, mean_b, m2_b
+    count = count_a + count_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (count_b / count)
+    m2 = m2_a + m2_b + delta * delta * (count_a * count_b / count)
+    return count, mean, m2
+
+
+def merge_rows(rows):
+    """(count, mean, m2) of packed moments (a (P, 2C + 1) array, rows as
+    :meth:`Moments.to_array`), merged in row order: how every process merges
+    the moments it gathered, to the same bits."""
+    C = (rows.shape[1] - 1) // 2
+    total = (0, np.zeros(C), np.zeros(C))
+    for packed in rows:
+        total = merge_parts(total, (wire_count(packed[0]), packed[1:C + 1],
+                                    packed[C + 1:]))
+    count, mean, m2 = total
+    return count, np.array(mean), np.array(m2)   # not views of ``rows``
