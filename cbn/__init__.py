@@ -21,17 +21,20 @@ if _importlib_util.find_spec("cbn._core") is None:
     raise ImportError(f"cbn's compiled kernels (cbn._core) are missing from {_here}; "
                       "reinstall cbn")
 
-from . import reference  # noqa: F401  (cbn.reference is public)
+from . import distributed, reference  # noqa: F401  (public submodules)
 from ._threads import get_num_threads, set_num_threads
 from .folding import fold_into_conv, fold_into_linear
 from .frozen import FrozenBatchNorm
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward, batch_stats
 from .layer import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .moments import Moments
+from .sync import SyncBatchNorm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FrozenBatchNorm",
+    "SyncBatchNorm", "Moments",
     "batch_norm", "batch_stats", "batch_norm_forward", "batch_norm_backward",
     "fold_into_linear", "fold_into_conv",
     "get_num_threads", "set_num_threads", "show_config",

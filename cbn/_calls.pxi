@@ -207,8 +207,10 @@ cdef tuple moments_of_view(View v):
 
 
 def moments(x, axis, Accepts accepts=ANY_INPUT, str name="input"):
-    """cbn.Moments.of: (count, mean, m2) of ``x``, as moments_of_view."""
-    return moments_of_view(view_of(x, axis, accepts, name))
+    """cbn.Moments.of: (count, mean, m2, dtype) of ``x``, the first three as
+    moments_of_view, the last the input's."""
+    cdef View v = view_of(x, axis, accepts, name)
+    return moments_of_view(v) + (v.result_dtype(),)
 
 
 cdef tuple stats_out(object out, View v):

@@ -3,7 +3,7 @@ around the executor's calls, with PyTorch's semantics."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, overload
 
 import numpy as np
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
     from .frozen import FrozenBatchNorm
+    from .moments import Moments
+    from .moments import Moments
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -269,6 +271,49 @@ class BatchNorm(ChannelLayer):
             self.grad_weight = grad_weight
             self.grad_bias = grad_bias if self._bias is not None else None
         return dx
+
+    # -- statistics over a data set
+
+    def calibrate(self, data: Iterable[ArrayLike] | Moments, *,
+                  mode: Literal["population", "batch_average"] = "population",
+                  comm: Any = None, progress: bool = False) -> Moments:
+        """Re-estimate the running statistics over a whole data set ("precise
+        BN", BN adaptation after training, pruning or quantization).
+
+        Parameters
+        ----------
+        data : iterable of arrays, or Moments
+            Batches in the layer's layout (any float dtype), or the moments
+            of the data (e.g. from :func:`cbn.dask.moments`).
+        mode : "population" or "batch_average"
+            "population": ``running_mean`` and ``running_var`` become the
+            mean and the unbiased variance (count - 1) of all the data, as
+            if it were one batch. "batch_average": the equal-weight average
+            of the per-batch means and of the per-batch unbiased variances
+            (what fvcore's PreciseBN and PyTorch's ``momentum=None`` after
+            :meth:`reset_running_stats` compute); empty batches are skipped.
+        comm : MPI communicator, optional
+            Merge over the ranks of ``comm`` (every rank calls calibrate):
+            every rank ends with the same running statistics, those of all
+            ranks' data.
+        progress : bool
+            Show a progress bar (tqdm when installed, else a counter on
+            stderr).
+
+        Returns
+        -------
+        Moments
+            The moments of all the data (over all ranks with ``comm``).
+
+        Weight, bias, mode, momentum and ``num_batches_tracked`` are
+        unchanged. All or nothing: a bad batch (wrong shape or dtype,
+        non-finite data with ``nonfinite="raise"``) raises an error naming
+        its index, and the layer is as before. A layer without running
+        statistics raises ValueError.
+        """
+        from .calibration import calibrate
+        with self._lock:
+            return calibrate(self, data, mode=mode, comm=comm, progress=progress)
 
     # -- inference forms
 

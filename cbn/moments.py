@@ -90,7 +90,7 @@ class Moments:
         """The moments of one batch ``x`` over every axis but ``axis``,
         computed by cbn's kernels in float64 from data of any float dtype
         and layout (``x`` may be empty: count 0)."""
-        count, mean, m2 = kernels.moments(x, axis)
+        count, mean, m2, _ = kernels.moments(x, axis)
         if mean.shape[0] == 0:
             raise ValueError(f"x has shape {np.shape(x)}: axis {axis} has no channels")
         return cls._of_parts(count, mean, m2)
@@ -100,7 +100,7 @@ class Moments:
         On error (a channel count other than ``num_features``, a non-array,
         a wrong axis) the object is unchanged."""
         accepts = kernels.Accepts(2, 64, None, self._num_features, type(self).__name__)
-        count, mean, m2 = kernels.moments(x, axis, accepts)
+        count, mean, m2, _ = kernels.moments(x, axis, accepts)
         self._count, self._mean, self._m2 = merge_parts(
             (self._count, self._mean, self._m2), (count, mean, m2))
         self._freeze()
