@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 
     from .frozen import FrozenBatchNorm
     from .moments import Moments
-    from .moments import Moments
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
