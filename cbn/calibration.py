@@ -65,7 +65,8 @@ class Scan:
         self.moments = merge_parts(self.moments, (count, mean, m2))
         self.batches += 1
         self.sum_means = self.sum_means + mean
-        self.sum_vars = self.sum_vars + m2 / (count - 1)
+        if count > 1:   # else mode="population", which does not use them
+            self.sum_vars = self.sum_vars + m2 / (count - 1)
 
 
 def _scan_data(layer, data, mode, progress, owner):
