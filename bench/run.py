@@ -15,7 +15,9 @@ the same bytes. Then small calls, thread scaling at 1 and 2 threads, the
 default thread setting against one thread (quiet, between matrix products,
 with a busy core), Python threads sharing one eval layer, and a dense ->
 batch norm -> ReLU pipeline against PyTorch, ONNX Runtime and OpenVINO in a
-child process per import order of torch and cbn. Every row records the load
+child process per import order of torch and cbn, and SyncBatchNorm's training
+step against the local one at 2 and 4 MPI ranks (--filter sync; needs
+mpi4py). Every row records the load
 of other processes while it was timed; loaded rows are marked *. Prints the
 tables and the issue's targets with PASS/FAIL (targets about the full
 suite's cases are N/A in --quick), writes the results as JSON and, when
@@ -66,6 +68,7 @@ from . import (
     scaling,
     small_calls,
     suite,
+    sync,
     tables,
     targets,
     torch_ops,
@@ -236,7 +239,12 @@ def main(argv=None):
     if pipeline:
         print("\n" + tables.pipeline_table(pipeline), flush=True)
 
-    if not (rows or small_rows or scaling_rows or default_rows or thread_rows or pipeline):
+    sync_rows = parts.run("sync", sync.run, selected, args.quick)
+    if sync_rows:
+        print("\n" + sync.report(sync_rows, args.quick), flush=True)
+
+    if not (rows or small_rows or scaling_rows or default_rows or thread_rows or pipeline
+            or sync_rows):
         print(f"\nNo rows match --filter {args.filter!r}.")
         return 2
     results = {"facts": facts,
@@ -246,11 +254,12 @@ def main(argv=None):
                            "copy_threads": copy_threads},
                "suite": rows, "small_calls": small_rows, "thread_scaling": scaling_rows,
                "default_threads": default_rows, "python_threads": thread_rows,
-               "pipeline": pipeline, "machine_load": parts.loads}
+               "pipeline": pipeline, "sync": sync_rows, "machine_load": parts.loads}
     installed = {"torch": torch_ops.torch is not None,
                  **{key: version is not None for key, version in peers.versions().items()}}
     results["summary"] = by_op = targets.summary(rows)
-    results["targets"] = checked = targets.evaluate(results, args.quick, installed)
+    results["targets"] = checked = (targets.evaluate(results, args.quick, installed)
+                                    + sync.targets(sync_rows, args.quick))
     if by_op:
         print("\n" + tables.summary_table(by_op))
     print("\n" + report.targets_list(checked))

@@ -7,6 +7,7 @@ the quick run must time every case and print every table. The performance
 targets themselves are checked by running the benchmark.
 """
 import importlib.util
+import io
 import json
 import subprocess
 import sys
@@ -398,6 +399,35 @@ def test_child_code_imports_in_the_order_asked():
             < code.index("spec_from_file_location"), order
 
 
+def test_sync_part_times_a_tiny_case_and_judges_its_targets():
+    pytest.importorskip("mpi4py", reason="the sync part needs mpi4py (the mpi extra)")
+    from bench import sync
+    shape = (4, 8)
+    rows = sync.run(lambda name: True, False, progress=io.StringIO(), ranks_list=(2,),
+                    shapes=[shape], repeats={shape: (3, 1)})
+    [row] = rows
+    assert "error" not in row and "skipped" not in row, row
+    assert row["name"] == "sync 2 ranks 4x8 float32" and row["threads_per_rank"] == 1
+    assert set(row["seconds"]) == {"local", *sync.REDUCTIONS}
+    assert all(_positive(seconds) for seconds in row["seconds"].values())
+    text = sync.report(rows, False)
+    assert str(shape) in text and "L2" in text and "load during the 2-rank launch" in text
+    # the tiny row is not one the targets judge
+    assert {t["status"] for t in sync.targets(rows, False)} == {"SKIP"}
+
+    def made(shape, ratio, added_us):
+        return {"ranks": 2, "shape": list(shape), "machine_load": QUIET,
+                "seconds": {"local": 1.0, **dict.fromkeys(sync.REDUCTIONS, ratio)},
+                "ratio": dict.fromkeys(sync.REDUCTIONS, ratio),
+                "added_us": dict.fromkeys(sync.REDUCTIONS, added_us)}
+    meeting = [made(sync.RATIO_SHAPE, 1.1, 900.0), made(sync.ADDED_SHAPE, 3.0, 29.0)]
+    missing = [made(sync.RATIO_SHAPE, 1.2, 900.0), made(sync.ADDED_SHAPE, 1.5, 31.0)]
+    assert [t["status"] for t in sync.targets(meeting, False)] == ["PASS", "PASS"]
+    assert [t["status"] for t in sync.targets(missing, False)] == ["FAIL", "FAIL"]
+    assert [t["status"] for t in sync.targets(missing, True)] == ["N/A", "N/A"]
+    assert "1.20x" in sync.targets(missing, False)[0]["value"]
+
+
 # ---------------------------------------------------------------------------
 # The quick run, end to end
 
@@ -494,7 +524,8 @@ def test_targets_are_judged_and_full_suite_ones_are_not_applicable(quick_run):
                if t["requirement"].startswith("pipeline"))
     assert set(results["summary"]) == OPS
     assert set(results["machine_load"]) == {"suite", "small calls", "thread scaling",
-                                            "default threads", "python threads", "pipeline"}
+                                            "default threads", "python threads", "pipeline",
+                                            "sync"}
 
 
 def test_report_is_printed(quick_run):
