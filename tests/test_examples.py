@@ -1,4 +1,7 @@
 """The worked examples run as written, without an OpenMP runtime."""
+import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +33,26 @@ def test_cbn_loads_no_openmp_runtime():
                             timeout=120, cwd=Path(__file__).parent)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_sync_training_example_on_two_ranks_matches_one_process(tmp_path):
+    pytest.importorskip("mpi4py", reason="the example needs mpi4py (the mpi extra)")
+    beside = Path(sys.executable).parent / "mpiexec"
+    mpiexec = str(beside) if beside.exists() else shutil.which("mpiexec")
+    assert mpiexec, f"mpi4py is installed but there is no mpiexec beside {sys.executable}"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("CBN_NUM_THREADS", None)
+    # a session of its own: on a timeout the whole job goes, never a hang
+    process = subprocess.Popen(
+        [mpiexec, "-n", "2", sys.executable, str(EXAMPLES / "sync_training.py"), "--steps",
+         "3", "--batch", "9"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail("mpiexec -n 2 examples/sync_training.py timed out")
+    assert process.returncode == 0, stdout + stderr
+    assert "on 2 ranks: global batch 9 (rows per rank: 4, 5)" in stdout, stdout
+    assert "matches the single-process run" in stdout, stdout
