@@ -157,18 +157,16 @@ cdef Record finish_record(Record r, object out, bint relu):
 
 # -- statistics
 
-cdef object stats_block(View v):
-    """A (2, C) float64 block of ``v``'s per-channel mean and biased
-    variance (NaN for channels with no values)."""
-    cdef Py_ssize_t C = v.b.C
+cdef int stats_into(View v, double* mean, double* var) except -1:
+    """``v``'s per-channel mean and biased variance, into (C,) ``mean`` and
+    ``var`` (NaN for channels with no values)."""
+    cdef Py_ssize_t c, C = v.b.C
     cdef int status = 0
-    block = new_block(2, C)
-    cdef double* mean = row(block, 0, C)
-    cdef double* var = row(block, 1, C)
     cdef const void* xp = data_of(kernel_data(v))
     cdef int threads = threads_for(v.size())
     if v.b.outer * v.b.inner == 0:
-        block.fill(numpy.nan)
+        for c in range(C):
+            mean[c] = var[c] = NAN
     elif C:
         with nogil:
             if v.b.typenum == cnp.NPY_FLOAT:
@@ -178,6 +176,14 @@ cdef object stats_block(View v):
                 status = K.batch_stats_f64(<const double*>xp, v.b.outer, C, v.b.inner, mean,
                                            var, threads)
         check_scratch(status)
+    return 0
+
+
+cdef object stats_block(View v):
+    """A (2, C) float64 block of ``v``'s per-channel mean and biased
+    variance (NaN for channels with no values)."""
+    block = new_block(2, v.b.C)
+    stats_into(v, row(block, 0, v.b.C), row(block, 1, v.b.C))
     return block
 
 
@@ -312,9 +318,7 @@ cdef class TrainStep:
     cdef bint update, relu
     cdef int nonfinite
 
-    # The local batch's moments, when train_begin asked for them
-    cdef readonly Py_ssize_t count
-    cdef readonly object mean, m2
+    cdef readonly Py_ssize_t count   # values per channel in this process's batch
 
     @property
     def shape(self):
@@ -425,16 +429,30 @@ cpdef Record train_forward(x, axis, Accepts accepts, weight, bias, eps, running_
 
 
 def train_begin(x, axis, Accepts accepts, weight, bias, eps, running_mean, running_var,
-                momentum, batches_tracked, bint relu, int nonfinite, out):
+                momentum, batches_tracked, bint relu, int nonfinite, out, packed):
     """The first half of a forward on a batch spread over processes: every
     check of train_forward but the count's (which is the global batch's),
-    the output allocated, and this process's moments (``count``, ``mean``,
-    ``m2``) computed. No state changes."""
+    the output allocated, and this process's moments written to ``packed``,
+    a float64 (2C + 2,) row: [input dtype number, count, mean (C), m2 (C)].
+    No state changes."""
     cdef TrainStep t = train_step(x, axis, accepts, weight, bias, eps, running_mean,
                                   running_var, momentum, batches_tracked, relu, nonfinite,
                                   out, False)
-    output_for(t.r, out, (running_mean, running_var) if t.update else ())
-    t.count, t.mean, t.m2 = moments_of_view(t.r)
+    cdef View v = t.r
+    cdef Py_ssize_t c, C = v.b.C
+    cdef double* p = packed_data(packed, 2 * C + 2, "packed")
+    if cnp.PyArray_SIZE(<cnp.ndarray>packed) != 2 * C + 2:
+        raise ValueError(f"packed must hold {2 * C + 2} values")
+    output_for(v, out, (running_mean, running_var) if t.update else ())
+    t.count = v.b.outer * v.b.inner
+    p[0] = v.result_dtype().num
+    p[1] = t.count
+    if t.count == 0:
+        memset(p + 2, 0, 2 * C * sizeof(double))
+        return t
+    stats_into(v, p + 2, p + 2 + C)
+    for c in range(C):
+        p[2 + C + c] *= t.count   # biased variance -> m2
     return t
 
 
@@ -571,16 +589,6 @@ cdef class BackwardStep:
     def __dealloc__(self):
         free(self.sums)
 
-    @property
-    def local_sums(self):
-        """This process's sums as a float64 (2, C) array: sum of dy, then
-        sum of (x - mean) * dy."""
-        cdef Py_ssize_t C = self.o.b.C
-        block = new_block(2, C)
-        store_channels(block[0], self.sums, C)
-        store_channels(block[1], self.sums + C, C)
-        return block
-
     cdef tuple results(self):
         """(dx, grad_weight, grad_bias): grad_weight and grad_bias from the
         local sums (zero for an empty batch, whose statistics are NaN)."""
@@ -649,19 +657,23 @@ cdef tuple run_backward(View v, object dy, object dy_data, const double* mean,
     return t.results()
 
 
-def backward_begin(Record record, dy, out, grad_dtype, str owner):
+def backward_begin(Record record, dy, out, grad_dtype, str owner, sums):
     """The first half of a layer's backward of a forward on a batch spread
     over processes (train_begin/train_end): every check, and this process's
-    sums (``local_sums``)."""
+    sums written to ``sums``, a float64 (2C + 1,) array: [unused, sum of dy
+    (C), sum of (x - mean) * dy (C)]."""
     cdef BackwardStep t = backward_step(
         record, dy, record_dy(record, dy, owner), record.mean_p, record.invstd_p,
         record.weight_p, out, record.relu_output, grad_dtype, False, record)
+    cdef Py_ssize_t C = t.o.b.C
+    cdef double* p = packed_data(sums, 2 * C + 1, "sums")
     cdef int status = 0
     cdef const void* xp = data_of(t.o.data)
     if t.o.size():
         with nogil:
-            status = grad_sums_kernel(t.o.b, t.dyp, xp, t.mean_p, t.sums, t.sums + t.o.b.C)
+            status = grad_sums_kernel(t.o.b, t.dyp, xp, t.mean_p, t.sums, t.sums + C)
         check_scratch(status)
+    memcpy(p + 1, t.sums, 2 * C * sizeof(double))
     return t
 
 

@@ -16,13 +16,15 @@ build cbn._dispatch chose (_kernel_table.h); this module is compiled once.
     _rules.pxi       argument rules: numbers, per-channel vectors, out=
     _inference.pxi   ChannelParams and the layer's eval cache
     _calls.pxi       the operations: statistics, forwards, backwards
+    _moments.pxi     merges of moments across batches and processes
 """
 cimport numpy as cnp
 from cpython.float cimport PyFloat_AsDouble, PyFloat_CheckExact
 from cpython.long cimport PyLong_AsLongAndOverflow, PyLong_CheckExact
 from cpython.pycapsule cimport PyCapsule_GetPointer
-from libc.math cimport isfinite, sqrt
+from libc.math cimport NAN, isfinite, sqrt
 from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy, memset
 
 import numpy
 
@@ -89,3 +91,4 @@ include "_view.pxi"
 include "_rules.pxi"
 include "_inference.pxi"
 include "_calls.pxi"
+include "_moments.pxi"

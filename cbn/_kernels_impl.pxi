@@ -120,25 +120,7 @@ cdef inline bint streams(size_t output_bytes) noexcept nogil:
 # ---------------------------------------------------------------------------
 # Scalar helpers
 
-cdef inline void chan_merge(double* n_a, double* mean_a, double* m2_a,
-                            double n_b, double mean_b, double m2_b) noexcept nogil:
-    """Fold the statistics (n_b, mean_b, m2_b) of one block into (n_a, mean_a, m2_a).
-
-    Chan, Golub & LeVeque (1979): m2 = m2_a + m2_b + delta^2 * n_a * n_b / n.
-    """
-    cdef double n, delta
-    if n_b == 0:
-        return
-    if n_a[0] == 0:
-        n_a[0] = n_b
-        mean_a[0] = mean_b
-        m2_a[0] = m2_b
-        return
-    n = n_a[0] + n_b
-    delta = mean_b - mean_a[0]
-    mean_a[0] = mean_a[0] + delta * (n_b / n)
-    m2_a[0] = m2_a[0] + m2_b + delta * delta * (n_a[0] * n_b / n)
-    n_a[0] = n
+include "_chan.pxi"
 
 
 cdef inline double sum_lanes(const double* acc) noexcept nogil:
@@ -450,7 +432,7 @@ cdef void combine_chunks(const Reduction* r) noexcept nogil:
     cdef double* chunk_b
     cdef Py_ssize_t k, j
     cdef double n_acc = <double>chunk_rows(p, 0) * p.values_per_row
-    cdef double nb, total, w_mean, w_m2, delta
+    cdef double nb, total, w_mean, w_m2
     for k in range(1, p.n_chunks):
         chunk_a = part_a + k * p.cols
         chunk_b = part_b + k * p.cols
@@ -459,16 +441,14 @@ cdef void combine_chunks(const Reduction* r) noexcept nogil:
                 part_a[j] = part_a[j] + chunk_a[j]
                 part_b[j] = part_b[j] + chunk_b[j]
             continue
-        # Chan's merge (as chan_merge); the chunk's count is the same for
-        # every column, so its weights are computed once.
+        # The chunk's count is the same for every column, so its weights
+        # are computed once.
         nb = <double>chunk_rows(p, k) * p.values_per_row
         total = n_acc + nb
         w_mean = nb / total
         w_m2 = n_acc * nb / total
         for j in range(p.cols):
-            delta = chunk_a[j] - part_a[j]
-            part_a[j] = part_a[j] + delta * w_mean
-            part_b[j] = part_b[j] + chunk_b[j] + delta * delta * w_m2
+            chan_combine(&part_a[j], &part_b[j], chunk_a[j], chunk_b[j], w_mean, w_m2)
         n_acc = total
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import distributed
 from ._dispatch import kernels
-from .moments import Moments, merge_parts, merge_rows
+from .moments import Moments, merge_parts
 
 MODES = ("population", "batch_average")
 
@@ -123,9 +123,10 @@ def _merge_ranks(comm, scan, owner):
     rows = np.empty((comm.Get_size(), row.shape[0]))
     comm.Allgather(row, rows)
     if (rows[:, 0] == distributed.FAILED).any():
-        distributed.raise_failures(comm, distributed.LocalPart(C, error=scan.error), owner)
+        distributed.raise_failures(comm, distributed.LocalPart(error=scan.error), owner)
     total = Scan(C)
-    total.moments = merge_rows(rows[:, 1:2 * C + 2])
+    _, count, mean, m2 = kernels.merge_rows(np.ascontiguousarray(rows[:, :2 * C + 2]))
+    total.moments = (int(count), mean, m2)
     for r in rows:   # in rank order
         total.batches += int(r[2 * C + 2])
         total.sum_means = total.sum_means + r[2 * C + 3:3 * C + 3]

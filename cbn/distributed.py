@@ -7,10 +7,13 @@ collectives do it:
 - "allgather": one ``Allgather`` of each rank's packed moments (2C + 2
   doubles: a status word, the count, the means, the M2s), merged in rank
   order by every rank. Fewest rounds; the payload grows with the rank count.
-- "allreduce": one ``Allreduce`` of 2C + 4 doubles with a user-defined,
+- "allreduce": one ``Allreduce`` of one packed row with a user-defined,
   non-commutative MPI operation that merges moments (MPI applies such an
-  operation in rank order). The payload stays 2C + 4 doubles whatever the
-  rank count, at the price of a merge in Python at every step of the tree.
+  operation in rank order). The payload stays 2C + 2 doubles whatever the
+  rank count, at the price of a call into Python at every step of the tree.
+
+The merges are compiled (cbn/_moments.pxi): every rank applies the same
+formula in the same order and gets the same bits.
 
 "auto" picks the all-gather until the gathered payload passes
 ``ALLGATHER_MAX_BYTES`` or the rank count passes ``ALLGATHER_MAX_RANKS``; the
@@ -46,7 +49,6 @@ ALLGATHER_MAX_BYTES = 256 << 10
 # Bytes of each rank's message when one fails (longer reasons are cut).
 MESSAGE_BYTES = 512
 
-FAILED = -1.0   # the status word of a rank whose input was refused
 
 
 class DistributedError(RuntimeError):
@@ -106,127 +108,89 @@ def check_reduction(value: Any) -> str:
 # ---------------------------------------------------------------------------
 # The collective merge of moments
 
+# A rank's packed row (cbn/_moments.pxi): [status, count, mean (C), m2 (C)];
+# the status is its input dtype's number, or FAILED.
+FAILED = kernels.MOMENTS_FAILED
+
+
 class LocalPart:
-    """What one rank brings to a collective: its moments and input dtype,
-    or the error its input raised."""
+    """What one rank brings to a collective, for the messages of a failure:
+    its count and input dtype, or the error its input raised."""
 
-    __slots__ = ("count", "mean", "m2", "dtype", "error")
+    __slots__ = ("count", "dtype", "error")
 
-    def __init__(self, num_features: int, count: int = 0, mean: Any = None,
-                 m2: Any = None, dtype: Any = None,
+    def __init__(self, count: int = 0, dtype: Any = None,
                  error: BaseException | None = None) -> None:
         self.count = count
-        self.mean = np.zeros(num_features) if mean is None else mean
-        self.m2 = np.zeros(num_features) if m2 is None else m2
         self.dtype = None if dtype is None else np.dtype(dtype)
         self.error = error
 
 
-def merge_moments(comm: Any, part: LocalPart, *, reduction: str = "auto",
-                  owner: str = "cbn.distributed") -> tuple[int, Any, Any]:
-    """(count, mean, m2) of all ranks' parts merged in rank order, the same
-    bits on every rank; or, when any rank's part is an error, or their input
-    dtypes differ, or the global batch holds one value per channel, the same
-    DistributedError on every rank."""
-    C = part.mean.shape[0]
+def packed_row(C: int, count: int = 0, mean: Any = 0.0, m2: Any = 0.0,
+               dtype: Any = None, failed: bool = False) -> Any:
+    row = np.empty(2 * C + 2)
+    row[0] = FAILED if failed else (0 if dtype is None else np.dtype(dtype).num)
+    row[1] = count
+    row[2:C + 2] = mean
+    row[C + 2:] = m2
+    return row
+
+
+def merge_packed(comm: Any, row: Any, reduction: str) -> tuple[float, int, Any, Any]:
+    """Every rank's packed ``row`` merged in rank order: (status, count,
+    mean, m2), the same bits on every rank. A negative status means a rank
+    failed or the dtypes differ (the moments are then meaningless)."""
     size = comm.Get_size()
     if reduction == "auto":
-        gathered_bytes = size * (2 * C + 2) * 8
         reduction = ("allgather" if size <= ALLGATHER_MAX_RANKS
-                     and gathered_bytes <= ALLGATHER_MAX_BYTES else "allreduce")
+                     and size * row.nbytes <= ALLGATHER_MAX_BYTES else "allreduce")
     if reduction == "allgather":
-        count, mean, m2, trouble = _allgather_merge(comm, part, C)
+        rows = np.empty((size, row.shape[0]))
+        comm.Allgather(row, rows)
+        status, count, mean, m2 = kernels.merge_rows(rows)
     else:
-        count, mean, m2, trouble = _allreduce_merge(comm, part, C)
-    if trouble or count == 1:
-        raise_failures(comm, part, owner, single_value=not trouble)
-    return count, mean, m2
-
-
-def _dtype_code(part: LocalPart) -> float:
-    return FAILED if part.error is not None else float(part.dtype.num if part.dtype else 0)
-
-
-def _allgather_merge(comm, part, C):
-    row = np.empty(2 * C + 2)
-    row[0] = _dtype_code(part)
-    row[1] = part.count
-    row[2:C + 2] = part.mean
-    row[C + 2:] = part.m2
-    rows = np.empty((comm.Get_size(), 2 * C + 2))
-    comm.Allgather(row, rows)
-    status = rows[:, 0]
-    codes = set(status[status > 0].tolist())
-    if (status == FAILED).any() or len(codes) > 1:
-        return 0, None, None, True
-    count, mean, m2 = _moments.merge_rows(rows[:, 1:])
-    return count, mean, m2, False
-
-
-# The all-reduce's element: [failed, lowest dtype code, highest dtype code,
-# count, mean (C), m2 (C)].
-def _pack_reduce(part, C):
-    element = np.empty(2 * C + 4)
-    code = _dtype_code(part)
-    element[0] = 1.0 if code == FAILED else 0.0
-    element[1] = np.inf if code <= 0 else code
-    element[2] = -np.inf if code <= 0 else code
-    element[3] = part.count
-    element[4:C + 4] = part.mean
-    element[C + 4:] = part.m2
-    return element
-
-
-def _merge_elements(left, right):
-    """``right`` := ``left`` followed by ``right`` (packed as _pack_reduce)."""
-    C = (left.shape[0] - 4) // 2
-    count, mean, m2 = _moments.merge_parts(
-        (_moments.wire_count(left[3]), left[4:C + 4], left[C + 4:]),
-        (_moments.wire_count(right[3]), right[4:C + 4], right[C + 4:]))
-    right[0] = max(left[0], right[0])
-    right[1] = min(left[1], right[1])
-    right[2] = max(left[2], right[2])
-    right[3] = count
-    right[4:C + 4] = mean
-    right[C + 4:] = m2
+        result = np.empty_like(row)
+        op, datatype = _merge_op(row.shape[0])
+        comm.Allreduce([row, 1, datatype], [result, 1, datatype], op=op)
+        C = (row.shape[0] - 2) // 2
+        status, count, mean, m2 = result[0], result[1], result[2:C + 2], result[C + 2:]
+    return status, int(count), mean, m2
 
 
 _OPS: dict[int, Any] = {}
 
 
-def _merge_op(MPI, length):
-    """The MPI operation and datatype that merge packed moments of
-    ``length`` doubles. One element is a whole packed vector (a contiguous
-    datatype), so MPI never hands the operation part of one."""
+def _merge_op(length):
+    """The MPI operation and datatype that merge packed rows of ``length``
+    doubles. One element is a whole row (a contiguous datatype), so MPI
+    never hands the operation part of one."""
     if length not in _OPS:
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise ImportError('reduction="allreduce" needs mpi4py for its MPI operation: '
+                              'pip install "cbn[mpi]"') from None
         datatype = MPI.DOUBLE.Create_contiguous(length).Commit()
 
         def merge(inbuf, inoutbuf, _datatype):
             # MPI's rule for a non-commutative operation: inoutbuf holds the
             # later ranks, so the result is inbuf followed by inoutbuf.
-            left = np.frombuffer(inbuf, dtype=np.float64).reshape(-1, length)
-            right = np.frombuffer(inoutbuf, dtype=np.float64).reshape(-1, length)
-            for k in range(left.shape[0]):
-                _merge_elements(left[k], right[k])
+            kernels.merge_row_pairs(np.frombuffer(inbuf, np.float64),
+                                    np.frombuffer(inoutbuf, np.float64), length)
 
         _OPS[length] = (MPI.Op.Create(merge, commute=False), datatype)
     return _OPS[length]
 
 
-def _allreduce_merge(comm, part, C):
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        raise ImportError('reduction="allreduce" needs mpi4py for its MPI operation: '
-                          'pip install "cbn[mpi]"') from None
-    element = _pack_reduce(part, C)
-    result = np.empty_like(element)
-    op, datatype = _merge_op(MPI, element.shape[0])
-    comm.Allreduce([element, 1, datatype], [result, 1, datatype], op=op)
-    if result[0] > 0 or (np.isfinite(result[1]) and result[1] != result[2]):
-        return 0, None, None, True
-    return (_moments.wire_count(result[3]), result[4:C + 4].copy(),
-            result[C + 4:].copy(), False)
+def merge_moments(comm: Any, row: Any, part: LocalPart, *, reduction: str = "auto",
+                  owner: str = "cbn.distributed") -> tuple[int, Any, Any]:
+    """merge_packed, or, when any rank's part is an error, or their input
+    dtypes differ, or the global batch holds one value per channel, the same
+    DistributedError on every rank."""
+    status, count, mean, m2 = merge_packed(comm, row, reduction)
+    if status < 0 or count == 1:
+        raise_failures(comm, part, owner, single_value=status >= 0)
+    return count, mean, m2
 
 
 def raise_failures(comm: Any, part: LocalPart, owner: str, *,
@@ -303,25 +267,20 @@ def batch_stats(x: ArrayLike, comm: Any, *, axis: int = 1,
     reduction = check_reduction(reduction)
     try:
         count, mean, m2, dtype = kernels.moments(x, axis)
-        part = LocalPart(mean.shape[0], count, mean, m2, dtype)
+        part = LocalPart(count, dtype)
     except Exception as error:  # every rank must reach the collectives
-        part = LocalPart(0, error=error)
+        part, mean = LocalPart(error=error), np.zeros(0)
     # Without a layer, the channel count is the data's: agree on it first,
-    # since the packed moments of every rank must have the same length.
-    channels = np.array([-1.0 if part.error is not None else part.mean.shape[0]])
+    # since the packed rows of every rank must have the same length.
+    channels = np.array([-1.0 if part.error is not None else mean.shape[0]])
     every = np.empty(comm.Get_size())
     comm.Allgather(channels, every)
     if (every < 0).any() or len(set(every.tolist())) > 1:
         if part.error is None and every[0] >= 0 and channels[0] != every[0]:
-            part = LocalPart(0, error=ValueError(
+            part = LocalPart(error=ValueError(
                 f"x has {int(channels[0])} channels on axis {axis}, rank 0 has "
                 f"{int(every[0])}"))
         raise_failures(comm, part, owner)
-    return gathered_moments(comm, part, reduction, owner)
-
-
-def gathered_moments(comm, part, reduction, owner):
-    """merge_moments as a Moments object; the channel count is checked on
-    the way (packed sizes must agree across ranks)."""
-    count, mean, m2 = merge_moments(comm, part, reduction=reduction, owner=owner)
-    return _moments.Moments._of_parts(count, mean, m2)
+    row = packed_row(mean.shape[0], count, mean, m2, dtype)
+    count, mean, m2 = merge_moments(comm, row, part, reduction=reduction, owner=owner)
+    return _moments.Moments._of_parts(count, np.array(mean), np.array(m2))

@@ -2,7 +2,8 @@
 behind dataset calibration, SyncBatchNorm and Dask.
 
 Two sets of moments merge with Chan, Golub and LeVeque's pairwise formula
-("Algorithms for computing the sample variance", 1979):
+("Algorithms for computing the sample variance", 1979), compiled once for
+the kernels and every merge (cbn/_chan.pxi):
 
     n = n_a + n_b,  delta = mean_b - mean_a,
     mean = mean_a + delta * n_b / n,
@@ -206,29 +207,11 @@ def wire_count(value: float) -> int:
 
 
 def merge_parts(a, b):
-    """(count, mean, m2) of a followed by b (Chan, Golub and LeVeque's
-    formula, per channel). Arrays are new; empty sides pass the other's on."""
-    count_a, mean_a, m2_a = a
-    count_b, mean_b, m2_b = b
-    if count_b == 0:
-        return count_a, mean_a, m2_a
-    if count_a == 0:
-        return count_b, mean_b, m2_b
-    count = count_a + count_b
-    delta = mean_b - mean_a
-    mean = mean_a + delta * (count_b / count)
-    m2 = m2_a + m2_b + delta * delta * (count_a * count_b / count)
-    return count, mean, m2
-
-
-def merge_rows(rows):
-    """(count, mean, m2) of packed moments (a (P, 2C + 1) array, rows as
-    :meth:`Moments.to_array`), merged in row order: how every process merges
-    the moments it gathered, to the same bits."""
-    C = (rows.shape[1] - 1) // 2
-    total = (0, np.zeros(C), np.zeros(C))
-    for packed in rows:
-        total = merge_parts(total, (wire_count(packed[0]), packed[1:C + 1],
-                                    packed[C + 1:]))
-    count, mean, m2 = total
-    return count, np.array(mean), np.array(m2)   # not views of ``rows``
+    """(count, mean, m2) of a followed by b, per channel, by the compiled
+    merge (cbn/_moments.pxi). Arrays are new, or the other side's when one
+    side is empty."""
+    if b[0] == 0:
+        return a
+    if a[0] == 0:
+        return b
+    return kernels.merge_moments(*a, *b)

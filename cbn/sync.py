@@ -130,24 +130,28 @@ class SyncBatchNorm(BatchNorm):
         comm = self.comm
         owner = f"{type(self).__name__}.forward"
         update = self.track_running_stats and self._running_mean is not None
+        C = self.num_features
+        row = np.empty(2 * C + 2)   # this rank's packed moments (cbn.distributed)
         with self._lock:  # the running statistics change whole or not at all
-            step = None
+            step = error = None
             try:
                 step = kernels.train_begin(
                     x, self.axis, self._accepts, self._weight, self._bias, self._eps,
                     self._running_mean if update else None,
                     self._running_var if update else None, self._momentum,
                     self.num_batches_tracked if update else None, self._relu,
-                    kernels.NONFINITE_MODES[self._nonfinite], out)
-                error = (distributed.check_finite(step.mean, step.m2)
-                         if self._nonfinite == "raise" else None)
-                part = distributed.LocalPart(self.num_features, step.count, step.mean,
-                                             step.m2, step.dtype, error)
-            except Exception as error:  # every rank must reach the collective
-                part = distributed.LocalPart(self.num_features, error=error)
-            count, mean, m2 = distributed.merge_moments(comm, part,
-                                                        reduction=self._reduction,
-                                                        owner=owner)
+                    kernels.NONFINITE_MODES[self._nonfinite], out, row)
+                if self._nonfinite == "raise":
+                    error = distributed.check_finite(row[2:C + 2], row[C + 2:])
+            except Exception as caught:  # every rank must reach the collective
+                error = caught
+            if error is not None:
+                row[0] = distributed.FAILED
+            status, count, mean, m2 = distributed.merge_packed(comm, row, self._reduction)
+            if status < 0 or count == 1:
+                part = distributed.LocalPart(error=error) if step is None else \
+                    distributed.LocalPart(step.count, step.dtype, error)
+                distributed.raise_failures(comm, part, owner, single_value=status >= 0)
             record = kernels.train_end(step, count, mean, m2)
             if update:
                 self.num_batches_tracked += 1
@@ -167,17 +171,15 @@ class SyncBatchNorm(BatchNorm):
         step = error = None
         try:
             step = kernels.backward_begin(self._last, dy, out, self.dtype,
-                                          type(self).__name__)
-            sums[1:] = step.local_sums.ravel()
+                                          type(self).__name__, sums)
         except Exception as caught:  # every rank must reach the collective
             error = caught
             sums[0] = 1
         total = np.empty_like(sums)
         self.comm.Allreduce(sums, total)
         if total[0] > 0:
-            distributed.raise_failures(
-                self.comm, distributed.LocalPart(C, error=error),
-                f"{type(self).__name__}.backward")
+            distributed.raise_failures(self.comm, distributed.LocalPart(error=error),
+                                       f"{type(self).__name__}.backward")
         dx, grad_weight, grad_bias = kernels.backward_end(step, total[1:C + 1],
                                                           total[C + 1:], count)
         if self.affine:
