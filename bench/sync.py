@@ -38,6 +38,9 @@ REDUCTIONS = ("auto", "allgather", "allreduce")
 # microseconds, the large one tens of milliseconds.
 REPEATS = {(32, 256): (3000, 100), (32, 64, 56, 56): (40, 3)}
 QUICK_REPEATS = {(32, 256): (300, 20), (32, 64, 56, 56): (5, 1)}
+# At most this long per shape and rank count (fewer repeats when the warm-up
+# says more would not fit; see sync_worker.py).
+BUDGET_SECONDS, QUICK_BUDGET_SECONDS = 10.0, 2.0
 TIMEOUT = 900   # seconds per launch; the job is killed after it
 QUICK_TIMEOUT = 300
 
@@ -124,7 +127,8 @@ def run(selected, quick, progress=sys.stderr, *, ranks_list=RANKS, shapes=SHAPES
         arguments = {"shapes": [list(shape) for shape in shapes],
                      "repeats": [repeats[shape][0] for shape in shapes],
                      "warmup": [repeats[shape][1] for shape in shapes],
-                     "reductions": list(REDUCTIONS)}
+                     "reductions": list(REDUCTIONS),
+                     "budget_seconds": QUICK_BUDGET_SECONDS if quick else BUDGET_SECONDS}
         cpu_load = machine.CpuLoad()
         result = launch(ranks, arguments, QUICK_TIMEOUT if quick else TIMEOUT)
         load = cpu_load.lap()
@@ -216,7 +220,7 @@ def report(rows, quick):
             body.append(label + [row.get("skipped") or f"error: {row['error']}"])
             continue
         seconds = row["seconds"]
-        cells = [_us(seconds["local"])]
+        cells = [str(row["repeats"]), _us(seconds["local"])]
         for name in REDUCTIONS:
             added = row["added_us"][name]
             cells += [_us(seconds[name]), f"{row['ratio'][name]:.2f}x",
@@ -224,7 +228,7 @@ def report(rows, quick):
         star = "*" if machine.loaded(row["machine_load"]) else ""
         body.append(label + cells + [star])
         timed.append(row)
-    headers = ["ranks", "shape per rank", "per rank", "local us"]
+    headers = ["ranks", "shape per rank", "per rank", "repeats", "local us"]
     for name in REDUCTIONS:
         headers += [f"{name} us", "x", "+us"]
     width = len(headers) + 1

@@ -28,6 +28,8 @@ from mpi4py import MPI
 
 import cbn
 
+MIN_REPEATS = 10
+
 
 def variants(channels, reductions, comm):
     """{name: layer}: the local layer first, then one synchronized per path."""
@@ -37,8 +39,25 @@ def variants(channels, reductions, comm):
     return layers
 
 
-def measure_shape(comm, shape, reductions, repeats, warmup):
-    """{variant: median seconds of the slowest rank's step} for one shape."""
+def timed_round(comm, layers, x, dy, y, dx, repeats):
+    """(variants, repeats) seconds of this rank's steps, the variants
+    interleaved repeat by repeat, each step after a barrier."""
+    times = np.empty((len(layers), repeats))
+    for repeat in range(repeats):
+        for index, layer in enumerate(layers.values()):
+            comm.Barrier()
+            start = time.perf_counter()
+            layer(x, out=y)
+            layer.backward(dy, out=dx)
+            times[index, repeat] = time.perf_counter() - start
+    return times
+
+
+def measure_shape(comm, shape, reductions, repeats, warmup, budget):
+    """{variant: median seconds of the slowest rank's step} for one shape:
+    ``repeats`` timed repeats after ``warmup``, fewer (at least MIN_REPEATS)
+    when the warm-up says they would take more than ``budget`` seconds (with
+    more ranks than cores, a step can take a thousand times longer)."""
     rank = comm.Get_rank()
     rng = np.random.default_rng((20261201, rank))
     x = (rng.standard_normal(shape, dtype=np.float32) * 2 + 3).astype(np.float32)
@@ -46,22 +65,18 @@ def measure_shape(comm, shape, reductions, repeats, warmup):
     y, dx = np.empty_like(x), np.empty_like(x)
     layers = variants(shape[1], reductions, comm)
     names = list(layers)
-    times = np.empty((len(names), warmup + repeats))
     enabled = gc.isenabled()
     gc.disable()
     try:
-        for repeat in range(warmup + repeats):
-            for index, name in enumerate(names):
-                layer = layers[name]
-                comm.Barrier()
-                start = time.perf_counter()
-                layer(x, out=y)
-                layer.backward(dy, out=dx)
-                times[index, repeat] = time.perf_counter() - start
+        started = time.perf_counter()
+        timed_round(comm, layers, x, dy, y, dx, warmup)
+        per_repeat = comm.allreduce((time.perf_counter() - started) / max(warmup, 1),
+                                    op=MPI.MAX)
+        repeats = max(min(repeats, MIN_REPEATS), min(repeats, int(budget / per_repeat)))
+        times = timed_round(comm, layers, x, dy, y, dx, repeats)
     finally:
         if enabled:
             gc.enable()
-    times = np.ascontiguousarray(times[:, warmup:])
     slowest = np.empty_like(times)
     comm.Allreduce(times, slowest, op=MPI.MAX)   # per repeat, the slowest rank's
     spread = np.empty_like(times)
@@ -78,7 +93,8 @@ def main(arguments):
     rows = []
     for shape, repeats, warmup in zip(arguments["shapes"], arguments["repeats"],
                                       arguments["warmup"]):
-        seconds = measure_shape(comm, tuple(shape), arguments["reductions"], repeats, warmup)
+        seconds = measure_shape(comm, tuple(shape), arguments["reductions"], repeats, warmup,
+                                arguments["budget_seconds"])
         rows.append({"shape": shape, "seconds": seconds})
     if comm.Get_rank() == 0:
         print(json.dumps({"ranks": comm.Get_size(), "threads": cbn.get_num_threads(),
