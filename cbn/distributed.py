@@ -184,12 +184,11 @@ def _merge_op(length):
 
 def merge_moments(comm: Any, row: Any, part: LocalPart, *, reduction: str = "auto",
                   owner: str = "cbn.distributed") -> tuple[int, Any, Any]:
-    """merge_packed, or, when any rank's part is an error, or their input
-    dtypes differ, or the global batch holds one value per channel, the same
-    DistributedError on every rank."""
+    """merge_packed, or, when any rank's part is an error or their input
+    dtypes differ, the same DistributedError on every rank."""
     status, count, mean, m2 = merge_packed(comm, row, reduction)
-    if status < 0 or count == 1:
-        raise_failures(comm, part, owner, single_value=status >= 0)
+    if status < 0:
+        raise_failures(comm, part, owner)
     return count, mean, m2
 
 

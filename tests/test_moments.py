@@ -205,3 +205,24 @@ def test_errors_leave_the_object_unchanged():
         cbn.Moments(0)
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         cbn.Moments.of(np.ones(3))
+
+
+@pytest.mark.parametrize("shape, axis", [((6, 2), 1), ((3, 2, 40), 1), ((3, 4, 2), -1)])
+@pytest.mark.parametrize("where", [0, 1, -1])
+def test_an_infinite_value_gives_an_infinite_mean_wherever_it_sits(shape, axis, where):
+    """As one sum over the data would (NumPy's and PyTorch's mean): inf, not
+    the NaN of inf - inf, in the first value of a block or elsewhere, and
+    through merges; the variance is NaN."""
+    x = np.ones(shape)
+    index = [slice(None)] * len(shape)
+    index[axis] = 1
+    channel = x[tuple(index)]   # a view
+    channel[list(np.ndindex(channel.shape))[where]] = np.inf
+    assert np.isinf(x).sum() == 1
+    whole = cbn.Moments.of(x, axis=axis)
+    parts = cbn.Moments.merge_all(cbn.Moments.of(c, axis=axis) for c in np.array_split(x, 3))
+    mean, var = cbn.batch_stats(x, axis=axis)
+    for got in (whole.mean, parts.mean, mean):
+        assert got[0] == 1 and got[1] == np.inf
+    assert np.isnan(whole.var()[1]) and np.isnan(var[1])
+    assert np.mean(np.moveaxis(x, axis, -1)[..., 1]) == np.inf
