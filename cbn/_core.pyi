@@ -1,5 +1,6 @@
 # Stub of cbn's compiled executor (cbn/_core.pyx and the .pxi files it
-# includes: _threads.pxi, _view.pxi, _rules.pxi, _inference.pxi, _calls.pxi).
+# includes: _threads.pxi, _view.pxi, _rules.pxi, _inference.pxi, _calls.pxi,
+# _moments.pxi).
 # Only the names Python sees: def/cpdef functions, cdef classes with their
 # readonly attributes and properties, and module-level Python names. Checked
 # against the built module by tests/test_typing.py (mypy.stubtest). Each
@@ -10,7 +11,7 @@ from typing import Any, SupportsFloat, SupportsIndex
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
-from typing_extensions import disjoint_base
+from typing_extensions import disjoint_base, final
 
 _F64Array = NDArray[np.float64]
 
@@ -211,3 +212,67 @@ def backward(
     training: bool,
     out: NDArray[Any] | None,
 ) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]: ...
+def moments(
+    x: ArrayLike, axis: SupportsIndex, accepts: Accepts = ..., name: str = "input"
+) -> tuple[int, _F64Array, _F64Array, np.dtype[Any]]: ...
+@final
+@disjoint_base
+class TrainStep:
+    """A forward with batch statistics waiting for its statistics."""
+
+    @property
+    def count(self) -> int: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def dtype(self) -> np.dtype[Any]: ...
+
+def train_begin(
+    x: ArrayLike,
+    axis: SupportsIndex,
+    accepts: Accepts,
+    weight: ArrayLike | None,
+    bias: ArrayLike | None,
+    eps: SupportsFloat,
+    running_mean: ArrayLike | None,
+    running_var: ArrayLike | None,
+    momentum: SupportsFloat | None,
+    batches_tracked: int | None,
+    relu: bool,
+    nonfinite: int,
+    out: NDArray[Any] | None,
+    packed: _F64Array,
+) -> TrainStep: ...
+def train_end(step: TrainStep, count: int, mean: ArrayLike, m2: ArrayLike) -> Record: ...
+@final
+@disjoint_base
+class BackwardStep:
+    """A backward waiting for its per-channel sums."""
+
+def backward_begin(
+    record: Record,
+    dy: ArrayLike,
+    out: NDArray[Any] | None,
+    grad_dtype: DTypeLike,
+    owner: str,
+    sums: _F64Array,
+) -> BackwardStep: ...
+def backward_end(
+    step: BackwardStep, sum_dy: ArrayLike, dotp: ArrayLike, count: int
+) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]: ...
+
+# -- _moments.pxi
+
+MOMENTS_FAILED: float
+MOMENTS_MIXED: float
+
+def merge_moments(
+    count_a: int,
+    mean_a: ArrayLike,
+    m2_a: ArrayLike,
+    count_b: int,
+    mean_b: ArrayLike,
+    m2_b: ArrayLike,
+) -> tuple[int, _F64Array, _F64Array]: ...
+def merge_rows(rows: _F64Array) -> tuple[float, float, _F64Array, _F64Array]: ...
+def merge_row_pairs(left: _F64Array, right: _F64Array, width: int) -> None: ...

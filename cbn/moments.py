@@ -11,7 +11,10 @@ the kernels and every merge (cbn/_chan.pxi):
 
 in float64. Unlike sums of x and x**2 (which lose the variance entirely once
 |mean| / std reaches about 1e8 in float64), every term is a deviation from a
-mean, so the merge keeps the variance to about 1e-11 whatever the offset.
+mean: for |mean| / std up to 1e6, merged in any chunking and order, the
+variance stays within 1e-10 of an exactly rounded result (1e-11 for chunks
+of 1,000 values or more). Beyond that, each float64 mean's rounding grows
+with the offset (about 2e-10 at 1e8, 1e-6 at 1e11).
 M2 is not additive, so merges are applied in a fixed order; the same chunks
 in the same order always give the same bits.
 """

@@ -11,6 +11,7 @@ nothing.
 """
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -59,8 +60,9 @@ class SyncBatchNorm(BatchNorm):
     Attributes
     ----------
     comm
-        The communicator. It is not pickled: an unpickled layer uses
-        ``COMM_WORLD`` unless another is assigned.
+        The communicator (assignable). It is not pickled: an unpickled layer
+        uses ``COMM_WORLD`` unless another is assigned; ``copy.deepcopy``
+        shares it.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -198,6 +200,14 @@ class SyncBatchNorm(BatchNorm):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._comm = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+        # A copy in the same process still talks to the same ranks: it
+        # shares the communicator (which cannot be copied) and copies the rest.
+        clone = type(self).__new__(type(self))
+        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        clone._comm = self._comm
+        return clone
 
     def __repr__(self) -> str:
         text = super().__repr__()

@@ -5,6 +5,7 @@ all-reduce path and killed ranks: test_mpi.py."""
 import pickle
 import sys
 import threading
+from copy import deepcopy
 
 import numpy as np
 import pytest
@@ -351,6 +352,9 @@ def test_construction_convert_and_pickle():
         sync(np.ones((2, 3)))
     copy = pickle.loads(pickle.dumps(sync))
     assert state_bytes(copy) == state_bytes(sync) and copy._comm is None
+    twin = deepcopy(sync)
+    assert twin.comm is comm and state_bytes(twin) == state_bytes(sync)
+    assert twin.running_mean is not sync.running_mean
     assert "comm" not in copy.__getstate__() and "_comm" not in copy.__getstate__()
     with pytest.raises(TypeError, match="Allgather"):
         cbn.SyncBatchNorm(3, comm=object())
