@@ -17,7 +17,9 @@ with a busy core), Python threads sharing one eval layer, and a dense ->
 batch norm -> ReLU pipeline against PyTorch, ONNX Runtime and OpenVINO in a
 child process per import order of torch and cbn, and SyncBatchNorm's training
 step against the local one at 2 and 4 MPI ranks (--filter sync; needs
-mpi4py). Every row records the load
+mpi4py), and cbn.dask.moments of a 1 GiB memmapped file against reading it
+through Dask (--filter dask; needs Dask; left out of --quick unless --filter
+selects it). Every row records the load
 of other processes while it was timed; loaded rows are marked *. Prints the
 tables and the issue's targets with PASS/FAIL (targets about the full
 suite's cases are N/A in --quick), writes the results as JSON and, when
@@ -58,6 +60,7 @@ except ImportError as error:
              "in-place build on PYTHONPATH")
 
 from . import (
+    dask_moments,
     default_threads,
     environment,
     import_order,
@@ -243,8 +246,13 @@ def main(argv=None):
     if sync_rows:
         print("\n" + sync.report(sync_rows, args.quick), flush=True)
 
+    dask_rows = (parts.run("dask moments", dask_moments.run, selected, args.quick,
+                           threads=threads) if not args.quick or args.filter else [])
+    if dask_rows:
+        print("\n" + dask_moments.report(dask_rows), flush=True)
+
     if not (rows or small_rows or scaling_rows or default_rows or thread_rows or pipeline
-            or sync_rows):
+            or sync_rows or dask_rows):
         print(f"\nNo rows match --filter {args.filter!r}.")
         return 2
     results = {"facts": facts,
@@ -254,7 +262,8 @@ def main(argv=None):
                            "copy_threads": copy_threads},
                "suite": rows, "small_calls": small_rows, "thread_scaling": scaling_rows,
                "default_threads": default_rows, "python_threads": thread_rows,
-               "pipeline": pipeline, "sync": sync_rows, "machine_load": parts.loads}
+               "pipeline": pipeline, "sync": sync_rows, "dask_moments": dask_rows,
+               "machine_load": parts.loads}
     installed = {"torch": torch_ops.torch is not None,
                  **{key: version is not None for key, version in peers.versions().items()}}
     results["summary"] = by_op = targets.summary(rows)

@@ -428,6 +428,22 @@ def test_sync_part_times_a_tiny_case_and_judges_its_targets():
     assert "1.20x" in sync.targets(missing, False)[0]["value"]
 
 
+
+def test_dask_moments_part_times_a_tiny_case():
+    pytest.importorskip("dask.array", reason="the dask part needs Dask (the dask extra)")
+    from bench import dask_moments
+    assert dask_moments.run(lambda name: "NHWC" in name, False) == []
+    rows = dask_moments.run(lambda name: True, True, progress=io.StringIO(), threads=2,
+                            size_bytes=4 << 20, block_bytes=(1 << 20,), repeats=1)
+    [row] = rows
+    assert row["name"] == "dask moments 4 MiB float32 blocks of 1 MiB", row
+    assert row["blocks"] == 4 and row["bytes"] == 4 << 20 and row["threads"] == 2
+    assert all(_positive(seconds) for seconds in row["seconds"].values())
+    assert row["ratio"] == pytest.approx(row["seconds"]["read"] / row["seconds"]["moments"])
+    text = dask_moments.report(rows)
+    assert "L2" in text and "moments/read" in text and "4 MiB" in text
+
+
 # ---------------------------------------------------------------------------
 # The quick run, end to end
 

@@ -22,6 +22,22 @@ def test_inference_pipeline_example_runs_and_its_four_ways_agree(tmp_path):
     assert all(len(row) == 5 and all(float(t) > 0 for t in row[1:]) for row in rows)
 
 
+def test_dataset_statistics_example_normalizes_its_dataset(tmp_path):
+    pytest.importorskip("dask.array")
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "dataset_statistics.py"), "--megabytes", "8",
+         "--rows", "32"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "gives the bits of layer(block 0): True" in result.stdout
+    assert "Normalized: every channel has mean 0 and standard deviation 1." in result.stdout
+    rows = [line.split() for line in result.stdout.splitlines()
+            if line.split() and line.split()[0].isdigit()]
+    assert [int(row[0]) for row in rows] == list(range(16))
+    for row in rows:   # the data's statistics are near those they were drawn with
+        drawn_mean, mean, drawn_std, std = map(float, row[1:5])
+        assert abs(mean - drawn_mean) < 0.1 * drawn_std and abs(std / drawn_std - 1) < 0.05
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_cbn_loads_no_openmp_runtime():
     # cbn's threads are its own (cbn/_pool.h): an OpenMP runtime loaded by cbn
