@@ -216,7 +216,6 @@ def moments(
     x: ArrayLike, axis: SupportsIndex, accepts: Accepts = ..., name: str = "input"
 ) -> tuple[int, _F64Array, _F64Array, np.dtype[Any]]: ...
 @final
-@disjoint_base
 class TrainStep:
     """A forward with batch statistics waiting for its statistics."""
 
@@ -243,9 +242,8 @@ def train_begin(
     out: NDArray[Any] | None,
     packed: _F64Array,
 ) -> TrainStep: ...
-def train_end(step: TrainStep, count: int, mean: ArrayLike, m2: ArrayLike) -> Record: ...
+def train_end(t: TrainStep, count: int, mean: ArrayLike, m2: ArrayLike) -> Record: ...
 @final
-@disjoint_base
 class BackwardStep:
     """A backward waiting for its per-channel sums."""
 
@@ -258,7 +256,7 @@ def backward_begin(
     sums: _F64Array,
 ) -> BackwardStep: ...
 def backward_end(
-    step: BackwardStep, sum_dy: ArrayLike, dotp: ArrayLike, count: int
+    t: BackwardStep, sum_dy: ArrayLike, dotp: ArrayLike, count: int
 ) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]: ...
 
 # -- _moments.pxi
