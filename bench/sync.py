@@ -44,7 +44,7 @@ BUDGET_SECONDS, QUICK_BUDGET_SECONDS = 10.0, 2.0
 TIMEOUT = 900   # seconds per launch; the job is killed after it
 QUICK_TIMEOUT = 300
 
-# The targets, at 2 ranks.
+# The targets, judged at 2 ranks.
 TARGET_RANKS = 2
 RATIO_SHAPE, RATIO_LIMIT = (32, 64, 56, 56), 1.15
 ADDED_SHAPE, ADDED_LIMIT_US = (32, 256), 30.0
