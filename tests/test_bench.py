@@ -428,7 +428,6 @@ def test_sync_part_times_a_tiny_case_and_judges_its_targets():
     assert "1.20x" in sync.targets(missing, False)[0]["value"]
 
 
-
 def test_dask_moments_part_times_a_tiny_case():
     pytest.importorskip("dask.array", reason="the dask part needs Dask (the dask extra)")
     from bench import dask_moments
