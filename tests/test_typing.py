@@ -13,6 +13,7 @@ rather than the source tree, with its cache and configuration there too.
 mypy is in the ``test`` extra; without it these tests fail rather than skip.
 """
 import ast
+import importlib.util
 import os
 import pkgutil
 import re
@@ -101,11 +102,14 @@ def runnable_modules():
     instructions the CPU lacks dies of SIGILL when imported (see
     cbn/_dispatch.py), and stubtest imports every module it checks. The
     package itself is left out as well, since naming it makes stubtest walk
-    all its submodules; its API is what typing_usage.py checks."""
+    all its submodules; its API is what typing_usage.py checks. cbn.dask
+    needs the optional Dask."""
     modules = []
     for info in pkgutil.iter_modules(cbn.__path__):
         target = info.name.partition("_kernels_")[2]
         if target and not _kernels.cpu_supports(target):
+            continue
+        if info.name == "dask" and importlib.util.find_spec("dask") is None:
             continue
         modules.append(f"cbn.{info.name}")
     return modules
