@@ -26,7 +26,11 @@ One module per concern:
     pipeline.py          dense -> batch norm -> ReLU: cbn's four ways, PyTorch,
                          ONNX Runtime, OpenVINO
     import_order.py      the pipeline in a child process per import order
-    targets.py           the issue's targets, PASS/FAIL (N/A in --quick)
+    sync.py              SyncBatchNorm's step against the local step at 2 and 4
+                         MPI ranks (runs sync_worker.py under mpiexec)
+    sync_pieces.py       where SyncBatchNorm's added time goes (run under mpiexec)
+    dask_moments.py      cbn.dask.moments against reading the same file
+    targets.py           the performance targets, PASS/FAIL (N/A in --quick)
     environment.py       versions, CPU, caches, build facts
     report.py            the header, the targets, the machine load
     tables.py            the printed tables

@@ -305,6 +305,7 @@ def forward_stats(x, axis, weight, bias, eps, out):
 
 
 @cython.final
+@cython.freelist(4)
 cdef class TrainStep:
     """A forward with batch statistics, checked and with its output
     allocated, waiting for its statistics: its own batch's (train_forward),
@@ -361,12 +362,13 @@ cdef TrainStep train_step(x, axis, Accepts accepts, weight, bias, eps, running_m
     return t
 
 
-cdef int check_count(Py_ssize_t count, object where) except -1:
-    """PyTorch's rule: one value per channel has no variance."""
+cdef int check_count(Py_ssize_t count, View v) except -1:
+    """PyTorch's rule: one value per channel has no variance. ``v``: this
+    process's input, or None for a batch spread over processes."""
     if count == 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got {where}"
-        )
+        where = ("a global batch of 1 value per channel (over all processes)"
+                 if v is None else f"input size {v.source.shape}")
+        raise ValueError(f"Expected more than 1 value per channel when training, got {where}")
     return 0
 
 
@@ -412,7 +414,7 @@ cpdef Record train_forward(x, axis, Accepts accepts, weight, bias, eps, running_
     cdef View v = t.r
     cdef Py_ssize_t C = v.b.C, n = v.b.outer * v.b.inner
     cdef int status = 0
-    check_count(n, f"input size {v.source.shape}")
+    check_count(n, v)
     output_for(v, out, (running_mean, running_var) if t.update else ())
     cdef const void* xp = data_of(v.data)
     cdef void* yp = data_of(v.kernel)
@@ -464,7 +466,7 @@ def train_end(TrainStep t, Py_ssize_t count, mean, m2):
     cdef Py_ssize_t c, C = v.b.C
     cdef double* s = row(t.block, 0, C)
     cdef int status = 0
-    check_count(count, "a global batch of 1 value per channel (over all processes)")
+    check_count(count, None)
     if count == 0 or C == 0:
         t.block[R_MEAN:R_INVSTD + 1] = numpy.nan
         return train_finish(t, 0)
@@ -570,6 +572,7 @@ cdef View output_view(View v):
 
 
 @cython.final
+@cython.freelist(4)
 cdef class BackwardStep:
     """A backward, checked, its output allocated and a fused ReLU's mask
     applied to dy, waiting for the per-channel sums: its own (run_backward),
@@ -577,7 +580,8 @@ cdef class BackwardStep:
     backward_end)."""
 
     cdef View o
-    cdef object keep        # what the pointers below point into
+    cdef object keep        # what mean_p, invstd_p and weight_p point into
+    cdef object dy_data     # what dyp points into, unless masked
     cdef object aside       # where the masked dy goes when dx cannot take it
     cdef const void* dyp    # dy, masked when a ReLU was fused
     cdef const double* mean_p
@@ -614,7 +618,7 @@ cdef BackwardStep backward_step(View v, object dy, object dy_data, const double*
     y_data = None if relu_output is None else view_like(relu_output, v, "output")
     t.o = v if own_view else output_view(v)
     output_for(t.o, out, (dy if cnp.PyArray_Check(dy) else None, dy_data, y_data))
-    t.keep, t.grad_dtype = (keep, dy_data), grad_dtype
+    t.keep, t.dy_data, t.grad_dtype = keep, dy_data, grad_dtype
     t.mean_p, t.invstd_p, t.weight_p = mean, invstd, weight
     t.sums = <double*>calloc(3 * C + 1, sizeof(double))
     if t.sums == NULL:
