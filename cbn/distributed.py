@@ -127,9 +127,10 @@ class LocalPart:
 
 
 def packed_row(C: int, count: int = 0, mean: Any = 0.0, m2: Any = 0.0,
-               dtype: Any = None, failed: bool = False) -> Any:
+               dtype: Any = None) -> Any:
+    """A rank's packed moments (the layer writes its own in train_begin)."""
     row = np.empty(2 * C + 2)
-    row[0] = FAILED if failed else (0 if dtype is None else np.dtype(dtype).num)
+    row[0] = 0 if dtype is None else np.dtype(dtype).num
     row[1] = count
     row[2:C + 2] = mean
     row[C + 2:] = m2
