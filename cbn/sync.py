@@ -127,8 +127,9 @@ class SyncBatchNorm(BatchNorm):
         """As :meth:`BatchNorm.forward`; in training mode every rank must
         call it, and the statistics are the global batch's."""
         if not self.training:
-            self._global_count = None
-            return super().forward(x, out)
+            y = super().forward(x, out)
+            self._global_count = None   # its backward is local (after success only)
+            return y
         comm = self.comm
         owner = f"{type(self).__name__}.forward"
         update = self.track_running_stats and self._running_mean is not None

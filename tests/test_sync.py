@@ -243,6 +243,29 @@ def test_a_global_batch_of_one_value_names_the_rank_holding_it():
         assert tracked == 0
 
 
+def test_a_failed_eval_call_leaves_the_training_backward_synchronized():
+    def data(rank):
+        rng = np.random.default_rng(rank)
+        return rng.standard_normal((4, 3)) + rank, rng.standard_normal((4, 3))
+
+    def work(comm):
+        layer = cbn.SyncBatchNorm(3, comm=comm, dtype=np.float64)
+        x, dy = data(comm.Get_rank())
+        layer(x)
+        layer.eval()
+        with pytest.raises(ValueError):
+            layer(np.ones((4, 5)))
+        return layer.backward(dy)
+
+    single = cbn.BatchNorm(3, dtype=np.float64)
+    single(np.concatenate([data(rank)[0] for rank in range(2)]))
+    expected = single.backward(np.concatenate([data(rank)[1] for rank in range(2)]))
+    for rank, dx in enumerate(run_ranks(2, work)):
+        assert not isinstance(dx, BaseException), dx
+        np.testing.assert_allclose(dx, expected[4 * rank:4 * rank + 4], rtol=1e-10,
+                                   atol=1e-12)
+
+
 def test_an_empty_global_batch_counts_like_one_process():
     def work(comm):
         layer = cbn.SyncBatchNorm(2, comm=comm)
