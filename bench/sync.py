@@ -172,7 +172,7 @@ def _row_for(rows, ranks, shape):
 
 
 def targets(rows, quick):
-    """The issue's two targets as target dicts (see targets.py)."""
+    """The two sync targets as target dicts (see targets.py)."""
     specs = [
         (RATIO_SHAPE, f"sync, {TARGET_RANKS} ranks, {RATIO_SHAPE}: SyncBatchNorm step <= "
                       f"{RATIO_LIMIT}x the local step",

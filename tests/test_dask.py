@@ -26,7 +26,7 @@ da = pytest.importorskip("dask.array")
 dask = pytest.importorskip("dask")
 cbn_dask = pytest.importorskip("cbn.dask")
 
-# The exactness bound of the issue: the mean within 1e-13 * (|mean| + std)
+# The exactness bound of cbn.Moments: the mean within 1e-13 * (|mean| + std)
 # and the variance within 1e-10 relative of the exactly rounded reference.
 MEAN_BOUND, VAR_BOUND = 1e-13, 1e-10
 
