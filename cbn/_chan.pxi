@@ -2,8 +2,6 @@
 # formula behind the kernels' partial statistics (_kernels_impl.pxi) and the
 # executor's merges of moments across batches and processes (_moments.pxi).
 
-from libc.math cimport isfinite
-
 
 cdef inline void chan_combine(double* mean_a, double* m2_a, double mean_b, double m2_b,
                               double w_mean, double w_m2) noexcept nogil:
@@ -11,13 +9,14 @@ cdef inline void chan_combine(double* mean_a, double* m2_a, double mean_b, doubl
     w_mean = n_b / n and w_m2 = n_a * n_b / n (the same for every channel
     of two blocks, so a caller merging many channels computes them once)."""
     cdef double delta = mean_b - mean_a[0]
-    if isfinite(delta):
-        mean_a[0] = mean_a[0] + delta * w_mean
-    else:
-        # An infinite mean on one side: the weighted form keeps it infinite
-        # (inf and a finite mean give inf, +inf and -inf NaN), as one pass
-        # over all the data would, where inf - finite would give NaN.
-        mean_a[0] = mean_a[0] * (1.0 - w_mean) + mean_b * w_mean
+    cdef double shifted = mean_a[0] + delta * w_mean
+    # An infinite mean on one side: the weighted form keeps it infinite (inf
+    # and a finite mean give inf, +inf and -inf NaN), as one pass over all
+    # the data would, where inf - finite would give NaN. A select, not a
+    # branch, keeps loops over channels vectorized; delta - delta is 0 only
+    # for a finite delta.
+    cdef double weighted = mean_a[0] * (1.0 - w_mean) + mean_b * w_mean
+    mean_a[0] = shifted if delta - delta == 0 else weighted
     m2_a[0] = m2_a[0] + m2_b + delta * delta * w_m2
 
 

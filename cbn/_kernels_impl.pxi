@@ -53,7 +53,7 @@
 # output (see "float32 lanes" below).
 
 from cython cimport floating
-from libc.math cimport isfinite, sqrt
+from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 
@@ -209,15 +209,23 @@ cdef void interleaved_stats_unit(const floating* x, Py_ssize_t W,
     cdef double d0, d1, d2, d3
     cdef double* shift = sum_d + TILE_COLS
     cdef const floating* row
+    cdef Py_ssize_t nonfinite = 0
     row = x + r_start * W + j_start
     for j in range(width):
+        shift[j] = row[j]
+        sum_d[j] = 0
+        m2_out[j] = 0  # sum of d * d until the end
+        nonfinite += row[j] - row[j] != 0
+    if nonfinite:
         # A non-finite first value would turn every deviation into NaN; with
         # no shift an infinite value keeps an infinite mean, as in one sum.
-        shift[j] = row[j] if isfinite(row[j]) else 0.0
-        sum_d[j] = row[j] - shift[j]   # 0 but for that value
-        m2_out[j] = sum_d[j] * sum_d[j]  # sum of d * d until the end
-    # Four rows at a time keep the accumulators' memory traffic below that
-    # of x.
+        for j in range(width):
+            if shift[j] - shift[j] != 0:
+                shift[j] = 0
+                sum_d[j] = row[j]
+                m2_out[j] = sum_d[j] * sum_d[j]
+    # The first row's deviations are 0 (but for a non-finite one). Four rows
+    # at a time keep the accumulators' memory traffic below that of x.
     r = r_start + 1
     while r + 4 <= r_stop:
         row = x + r * W + j_start
