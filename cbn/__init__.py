@@ -29,12 +29,13 @@ from .functional import batch_norm, batch_norm_backward, batch_norm_forward, bat
 from .layer import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .moments import Moments
 from .sync import SyncBatchNorm
+from .weights import load, save
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FrozenBatchNorm",
-    "SyncBatchNorm", "Moments",
+    "SyncBatchNorm", "Moments", "save", "load",
     "batch_norm", "batch_stats", "batch_norm_forward", "batch_norm_backward",
     "fold_into_linear", "fold_into_conv",
     "get_num_threads", "set_num_threads", "show_config",
