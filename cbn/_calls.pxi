@@ -272,12 +272,14 @@ def nonfinite_error(channels):
 
 cdef void running_update(double* running_mean, double* running_var,
                          const double* mean, const double* var, Py_ssize_t C,
-                         Py_ssize_t n, double factor, bint skip_nonfinite) noexcept nogil:
+                         Py_ssize_t n, double factor, bint skip_nonfinite,
+                         bint unbiased) noexcept nogil:
     """PyTorch's update, in place: running = (1 - factor) * running + factor *
-    batch, with the unbiased batch variance (n / (n - 1)); with
+    batch, with the unbiased batch variance (n / (n - 1); the biased one,
+    as Keras, Flax and ONNX keep, when not ``unbiased``); with
     skip_nonfinite, channels whose statistics are not finite keep theirs."""
     cdef Py_ssize_t c
-    cdef double correction = <double>n / (n - 1)
+    cdef double correction = <double>n / (n - 1) if unbiased else 1.0
     for c in range(C):
         if skip_nonfinite and not finite_stats(mean, var, c):
             continue
@@ -317,6 +319,7 @@ cdef class TrainStep:
     cdef object out, running_mean, running_var
     cdef double eps, factor
     cdef bint update, relu
+    cdef bint unbiased             # the running variance is the unbiased one
     cdef int nonfinite
 
     cdef readonly Py_ssize_t count   # values per channel in this process's batch
@@ -334,7 +337,7 @@ cdef class TrainStep:
 
 cdef TrainStep train_step(x, axis, Accepts accepts, weight, bias, eps, running_mean,
                           running_var, momentum, batches_tracked, bint relu, int nonfinite,
-                          out, bint may_overwrite_input):
+                          out, bint may_overwrite_input, int var_ddof):
     """Every check of a forward with batch statistics; the output allocated."""
     cdef TrainStep t = TrainStep.__new__(TrainStep)
     cdef Record r = Record.__new__(Record)
@@ -359,6 +362,7 @@ cdef TrainStep train_step(x, axis, Accepts accepts, weight, bias, eps, running_m
         running_buffer(running_var, C, "running_var")
     t.out, t.running_mean, t.running_var = out, running_mean, running_var
     t.relu, t.nonfinite = relu, nonfinite
+    t.unbiased = var_ddof == 1
     return t
 
 
@@ -387,7 +391,8 @@ cdef Record train_finish(TrainStep t, Py_ssize_t count):
         read_channels(t.running_mean, C, s + R_RUNNING_MEAN * C, "running_mean")
         read_channels(t.running_var, C, s + R_RUNNING_VAR * C, "running_var")
         running_update(s + R_RUNNING_MEAN * C, s + R_RUNNING_VAR * C, s + R_MEAN * C,
-                       s + R_VAR * C, C, count, t.factor, t.nonfinite == NONFINITE_SKIP)
+                       s + R_VAR * C, C, count, t.factor, t.nonfinite == NONFINITE_SKIP,
+                       t.unbiased)
         store_into(t.running_mean, s + R_RUNNING_MEAN * C, C)
         store_into(t.running_var, s + R_RUNNING_VAR * C, C)
     finish_record(r, t.out, t.relu)
@@ -401,16 +406,17 @@ cdef Record train_finish(TrainStep t, Py_ssize_t count):
 
 cpdef Record train_forward(x, axis, Accepts accepts, weight, bias, eps, running_mean,
                            running_var, momentum, batches_tracked, bint relu, int nonfinite,
-                           out, bint may_overwrite_input=False):
+                           out, bint may_overwrite_input=False, int var_ddof=1):
     """A forward with the batch's statistics (training, or eval without
     running statistics): returns its Record. With running statistics, they
     are updated in place with ``momentum``, or with the cumulative average
     over ``batches_tracked`` earlier batches when momentum is None (layers
     only: functions pass batches_tracked=None). ``out`` may be the input only
-    where no backward is expected (``may_overwrite_input``: eval mode)."""
+    where no backward is expected (``may_overwrite_input``: eval mode).
+    ``var_ddof``: 1 keeps the unbiased variance (PyTorch), 0 the biased one."""
     cdef TrainStep t = train_step(x, axis, accepts, weight, bias, eps, running_mean,
                                   running_var, momentum, batches_tracked, relu, nonfinite,
-                                  out, may_overwrite_input)
+                                  out, may_overwrite_input, var_ddof)
     cdef View v = t.r
     cdef Py_ssize_t C = v.b.C, n = v.b.outer * v.b.inner
     cdef int status = 0
@@ -431,7 +437,8 @@ cpdef Record train_forward(x, axis, Accepts accepts, weight, bias, eps, running_
 
 
 def train_begin(x, axis, Accepts accepts, weight, bias, eps, running_mean, running_var,
-                momentum, batches_tracked, bint relu, int nonfinite, out, packed):
+                momentum, batches_tracked, bint relu, int nonfinite, out, packed,
+                int var_ddof=1):
     """The first half of a forward on a batch spread over processes: every
     check of train_forward but the count's (which is the global batch's),
     the output allocated, and this process's moments written to ``packed``,
@@ -439,7 +446,7 @@ def train_begin(x, axis, Accepts accepts, weight, bias, eps, running_mean, runni
     No state changes."""
     cdef TrainStep t = train_step(x, axis, accepts, weight, bias, eps, running_mean,
                                   running_var, momentum, batches_tracked, relu, nonfinite,
-                                  out, False)
+                                  out, False, var_ddof)
     cdef View v = t.r
     cdef Py_ssize_t c, C = v.b.C
     cdef double* p = packed_data(packed, 2 * C + 2, "packed")

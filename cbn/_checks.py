@@ -1,5 +1,5 @@
 """Checks of a layer's settings that are not about a call: num_features, the
-layer dtype, activation and nonfinite. (The rules of a call live in the
+layer dtype, activation, nonfinite and running_var_ddof. (The rules of a call live in the
 executor, cbn/_core.pyx; eps and momentum are checked there too, through
 check_eps/check_momentum, so a layer's setter and a function call share
 them.) Each raises TypeError for a wrong kind of value and ValueError for a
@@ -54,3 +54,12 @@ def num_features(value):
     if value < 1:
         raise ValueError(f"num_features must be a positive integer, got {value}")
     return value
+
+
+def var_ddof(value):
+    """``running_var_ddof``: 0 or 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"running_var_ddof must be 0 or 1, got {type(value).__name__}")
+    if value not in (0, 1):
+        raise ValueError(f"running_var_ddof must be 0 or 1, got {value}")
+    return int(value)

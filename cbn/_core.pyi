@@ -176,6 +176,7 @@ def train_forward(
     nonfinite: int,
     out: NDArray[Any] | None,
     may_overwrite_input: bool = False,
+    var_ddof: int = 1,
 ) -> Record: ...
 def eval_forward(
     x: ArrayLike,
@@ -241,6 +242,7 @@ def train_begin(
     nonfinite: int,
     out: NDArray[Any] | None,
     packed: _F64Array,
+    var_ddof: int = 1,
 ) -> TrainStep: ...
 def train_end(t: TrainStep, count: int, mean: ArrayLike, m2: ArrayLike) -> Record: ...
 @final

@@ -163,6 +163,12 @@ def layer_to_torch(layer):
             "torch.nn batch norm; set layer.activation = None and add torch.nn.ReLU "
             "after the module"
         )
+    if layer.running_var_ddof != 1:
+        raise ValueError(
+            f"{owner}: running_var_ddof={layer.running_var_ddof} (the biased running "
+            "variance) has no counterpart in a torch.nn batch norm, which keeps the "
+            "unbiased one"
+        )
     name = next((base.__name__ for base in type(layer).__mro__
                  if base.__name__ in TORCH_NAMES), None)
     if name is None:

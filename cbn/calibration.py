@@ -38,11 +38,13 @@ def calibrate(layer: Any, data: Any, *, mode: str, comm: Any, progress: bool) ->
     if comm is not None:
         scan = _merge_ranks(comm, scan, owner)
     count, mean, m2 = scan.moments
+    ddof = layer.running_var_ddof
     if mode == "population":
-        if count < 2:
+        if count < ddof + 1:
             raise ValueError(f"{owner}: the data hold {count} value(s) per channel; the "
-                             "unbiased variance needs at least 2")
-        _store(layer, mean, m2 / (count - 1))
+                             f"{'unbiased ' if ddof else ''}variance needs at least "
+                             f"{ddof + 1}")
+        _store(layer, mean, m2 / (count - ddof))
     else:
         if scan.batches == 0:
             raise ValueError(f"{owner}: no batch with values")
@@ -53,9 +55,11 @@ def calibrate(layer: Any, data: Any, *, mode: str, comm: Any, progress: bool) ->
 class Scan:
     """What calibrate learns from a rank's data: the moments of all of it,
     and for mode="batch_average" the number of non-empty batches and the sums
-    of their means and unbiased variances (or the error its data raised)."""
+    of their means and variances (with the layer's ddof), or the error its
+    data raised."""
 
-    def __init__(self, C, error=None):
+    def __init__(self, C, error=None, ddof=1):
+        self.ddof = ddof
         self.moments = (0, np.zeros(C), np.zeros(C))
         self.batches = 0
         self.sum_means, self.sum_vars = np.zeros(C), np.zeros(C)
@@ -65,13 +69,13 @@ class Scan:
         self.moments = merge_parts(self.moments, (count, mean, m2))
         self.batches += 1
         self.sum_means = self.sum_means + mean
-        if count > 1:   # else mode="population", which does not use them
-            self.sum_vars = self.sum_vars + m2 / (count - 1)
+        if count > self.ddof:   # else mode="population", which does not use them
+            self.sum_vars = self.sum_vars + m2 / (count - self.ddof)
 
 
 def _scan_data(layer, data, mode, progress, owner):
     C = layer.num_features
-    scan = Scan(C)
+    scan = Scan(C, ddof=layer.running_var_ddof)
     if isinstance(data, Moments):
         if mode != "population":
             raise ValueError(f"{owner}: a Moments object holds the population's "
@@ -95,7 +99,7 @@ def _scan_data(layer, data, mode, progress, owner):
                     bad = distributed.check_finite(mean, m2)
                     if bad is not None:
                         raise bad
-                if mode == "batch_average" and count == 1:
+                if mode == "batch_average" and count == 1 and scan.ddof == 1:
                     raise ValueError("1 value per channel has no unbiased variance")
             except (ValueError, TypeError, FloatingPointError) as error:
                 raise type(error)(f"{owner}: batch {k}: {error}") from error

@@ -104,6 +104,10 @@ class BatchNorm(ChannelLayer):
     activation : None or "relu", keyword-only
         "relu" applies max(y, 0) in the same pass over memory; backward then
         zeroes the gradient where the output was clipped (y <= 0).
+    running_var_ddof : 0 or 1, keyword-only
+        The variance the running average keeps: 1 (default) the unbiased
+        batch variance, as PyTorch; 0 the biased one, as Keras, Flax and
+        ONNX. Normalization always uses the biased batch variance.
     nonfinite : "propagate", "raise" or "skip", keyword-only
         What a forward with batch statistics does when a channel's statistics
         are not finite (NaN or inf in the input): "propagate" them into the
@@ -134,8 +138,10 @@ class BatchNorm(ChannelLayer):
                  affine: bool = True, track_running_stats: bool = True, *,
                  bias: bool = True, axis: int = 1, dtype: DTypeLike = np.float32,
                  activation: Literal["relu"] | None = None,
-                 nonfinite: Literal["propagate", "raise", "skip"] = "propagate") -> None:
+                 nonfinite: Literal["propagate", "raise", "skip"] = "propagate",
+                 running_var_ddof: int = 1) -> None:
         self._set_channels(num_features, axis)
+        self.running_var_ddof = running_var_ddof
         self.eps = eps
         self.momentum = momentum
         self.activation = activation
@@ -197,6 +203,16 @@ class BatchNorm(ChannelLayer):
         self._relu = _checks.activation(value)
 
     @property
+    def running_var_ddof(self) -> int:
+        """0 or 1: the variance the running average keeps (see the class
+        docstring)."""
+        return self._running_var_ddof
+
+    @running_var_ddof.setter
+    def running_var_ddof(self, value: int) -> None:
+        self._running_var_ddof = _checks.var_ddof(value)
+
+    @property
     def nonfinite(self) -> Literal["propagate", "raise", "skip"]:
         """"propagate", "raise" or "skip": see the class docstring."""
         return self._nonfinite
@@ -245,7 +261,8 @@ class BatchNorm(ChannelLayer):
                 self._running_mean if update else None,
                 self._running_var if update else None, self._momentum,
                 self.num_batches_tracked if update else None, self._relu,
-                kernels.NONFINITE_MODES[self._nonfinite], out, not self.training)
+                kernels.NONFINITE_MODES[self._nonfinite], out, not self.training,
+                self._running_var_ddof)
             if update:
                 self.num_batches_tracked += 1
         return record
@@ -286,9 +303,11 @@ class BatchNorm(ChannelLayer):
             of the data (e.g. from :func:`cbn.dask.moments`).
         mode : "population" or "batch_average"
             "population": ``running_mean`` and ``running_var`` become the
-            mean and the unbiased variance (count - 1) of all the data, as
-            if it were one batch. "batch_average": the equal-weight average
-            of the per-batch means and of the per-batch unbiased variances
+            mean and the unbiased variance (count - 1; the biased one with
+            ``running_var_ddof=0``) of all the data, as if it were one
+            batch. "batch_average": the equal-weight average of the
+            per-batch means and of the per-batch variances (unbiased, or
+            biased with ``running_var_ddof=0``)
             (what fvcore's PreciseBN and PyTorch's ``momentum=None`` after
             :meth:`reset_running_stats` compute); empty batches are skipped.
         comm : MPI communicator, optional
@@ -484,6 +503,7 @@ class BatchNorm(ChannelLayer):
         state.setdefault("_relu", False)  # pickled before activation= existed
         state.setdefault("_nonfinite", "propagate")  # ... and before nonfinite=
         state.setdefault("_bias_enabled", True)  # ... and before bias=
+        state.setdefault("_running_var_ddof", 1)  # ... and before running_var_ddof=
         for name in ("num_features", "axis"):  # ... and before they were read-only
             if name in state:
                 state["_" + name] = state.pop(name)
@@ -504,6 +524,8 @@ class BatchNorm(ChannelLayer):
             text += ", activation='relu'"
         if self._nonfinite != "propagate":
             text += f", nonfinite={self._nonfinite!r}"
+        if self._running_var_ddof != 1:
+            text += f", running_var_ddof={self._running_var_ddof}"
         return text + ")"
 
 

@@ -55,7 +55,7 @@ class SyncBatchNorm(BatchNorm):
         switches to the all-reduce at large rank counts.
     **kwargs
         Every other keyword of :class:`BatchNorm` (axis, dtype, bias,
-        activation, nonfinite).
+        activation, nonfinite, running_var_ddof).
 
     Attributes
     ----------
@@ -71,12 +71,13 @@ class SyncBatchNorm(BatchNorm):
                  reduction: Literal["auto", "allgather", "allreduce"] = "auto",
                  bias: bool = True, axis: int = 1, dtype: DTypeLike = np.float32,
                  activation: Literal["relu"] | None = None,
-                 nonfinite: Literal["propagate", "raise", "skip"] = "propagate") -> None:
+                 nonfinite: Literal["propagate", "raise", "skip"] = "propagate",
+                 running_var_ddof: int = 1) -> None:
         resolved = distributed.resolve_comm(comm, type(self).__name__)
         self.reduction = reduction
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          bias=bias, axis=axis, dtype=dtype, activation=activation,
-                         nonfinite=nonfinite)
+                         nonfinite=nonfinite, running_var_ddof=running_var_ddof)
         self._comm = resolved
 
     def _init_call_state(self) -> None:
@@ -112,7 +113,7 @@ class SyncBatchNorm(BatchNorm):
         sync = cls(layer.num_features, layer.eps, layer.momentum, layer.affine,
                    layer.running_mean is not None, comm=comm, bias=layer._bias_enabled,
                    axis=layer.axis, dtype=layer.dtype, activation=layer.activation,
-                   nonfinite=layer.nonfinite)
+                   nonfinite=layer.nonfinite, running_var_ddof=layer.running_var_ddof)
         sync._set_channels(layer.num_features, layer.axis, layer._ranks, layer._ranks_text)
         sync.load_state_dict(layer.state_dict())
         sync.track_running_stats = layer.track_running_stats
@@ -143,7 +144,8 @@ class SyncBatchNorm(BatchNorm):
                     self._running_mean if update else None,
                     self._running_var if update else None, self._momentum,
                     self.num_batches_tracked if update else None, self._relu,
-                    kernels.NONFINITE_MODES[self._nonfinite], out, row)
+                    kernels.NONFINITE_MODES[self._nonfinite], out, row,
+                    self._running_var_ddof)
                 if self._nonfinite == "raise":
                     error = distributed.check_finite(row[2:C + 2], row[C + 2:])
             except Exception as caught:  # every rank must reach the collective

@@ -107,6 +107,7 @@ def _layer_hyper(layer: BatchNorm) -> dict[str, Any]:
         "axis": np.array(layer.axis, np.int64), "dtype": np.array(layer.dtype.name),
         "activation": np.array(layer.activation or ""),
         "nonfinite": np.array(layer.nonfinite), "training": np.array(layer.training),
+        "running_var_ddof": np.array(layer.running_var_ddof, np.int64),
         "num_features": np.array(layer.num_features, np.int64),
     }
     hyper.update(_ranks(layer))
@@ -195,7 +196,8 @@ def _rebuild(entries: dict[str, Any]) -> Saved:
                       scalar("affine", "b"), scalar("has_running_stats", "b"),
                       bias=scalar("bias", "b"), axis=scalar("axis", "iu"),
                       dtype=text("dtype"), activation=activation,
-                      nonfinite=text("nonfinite"))
+                      nonfinite=text("nonfinite"),
+                      running_var_ddof=scalar("running_var_ddof", "iu"))
     layer.load_state_dict(state)
     layer.track_running_stats = scalar("track_running_stats", "b")
     layer.train(scalar("training", "b"))

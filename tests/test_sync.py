@@ -393,3 +393,22 @@ def test_without_mpi4py_comm_none_says_how_to_install(monkeypatch):
         cbn.SyncBatchNorm(3)
     with pytest.raises(ImportError, match=r'pip install "cbn\[mpi\]"'):
         distributed.batch_stats(np.ones((2, 3)), None)
+
+
+def test_running_var_ddof_over_ranks_and_through_convert():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((9, 3)) + 2
+    sizes = (4, 5)
+    single = cbn.BatchNorm(3, dtype=np.float64, running_var_ddof=0)
+    single(x)
+
+    def work(comm):
+        layer = cbn.SyncBatchNorm.convert(
+            cbn.BatchNorm(3, dtype=np.float64, running_var_ddof=0), comm=comm)
+        layer(split(x, sizes)[comm.Get_rank()])
+        return layer.running_var_ddof, layer.running_var
+
+    for ddof, running_var in run_ranks(2, work):
+        assert ddof == 0
+        np.testing.assert_allclose(running_var, single.running_var, rtol=1e-12)
+    np.testing.assert_allclose(single.running_var, 0.9 + 0.1 * x.var(0), rtol=1e-13)
