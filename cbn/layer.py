@@ -256,16 +256,21 @@ class BatchNorm(ChannelLayer):
         update = (self.training and self.track_running_stats
                   and self._running_mean is not None)
         with self._lock:  # the running statistics change whole or not at all
-            record = kernels.train_forward(
-                x, self.axis, self._accepts, self._weight, self._bias, self._eps,
-                self._running_mean if update else None,
-                self._running_var if update else None, self._momentum,
-                self.num_batches_tracked if update else None, self._relu,
-                kernels.NONFINITE_MODES[self._nonfinite], out, not self.training,
-                self._running_var_ddof)
+            record = kernels.train_forward(x, *self._batch_stats_arguments(update), out,
+                                           not self.training, self._running_var_ddof)
             if update:
                 self.num_batches_tracked += 1
         return record
+
+    def _batch_stats_arguments(self, update: bool) -> tuple[Any, ...]:
+        """The executor's arguments of a forward with batch statistics after
+        the input and before ``out`` (train_forward's, train_begin's): the
+        running statistics only when ``update``."""
+        return (self.axis, self._accepts, self._weight, self._bias, self._eps,
+                self._running_mean if update else None,
+                self._running_var if update else None, self._momentum,
+                self.num_batches_tracked if update else None, self._relu,
+                kernels.NONFINITE_MODES[self._nonfinite])
 
     def __call__(self, x: ArrayLike, out: NDArray[Any] | None = None) -> NDArray[Any]:
         return self.forward(x, out)

@@ -139,13 +139,8 @@ class SyncBatchNorm(BatchNorm):
         with self._lock:  # the running statistics change whole or not at all
             step = error = None
             try:
-                step = kernels.train_begin(
-                    x, self.axis, self._accepts, self._weight, self._bias, self._eps,
-                    self._running_mean if update else None,
-                    self._running_var if update else None, self._momentum,
-                    self.num_batches_tracked if update else None, self._relu,
-                    kernels.NONFINITE_MODES[self._nonfinite], out, row,
-                    self._running_var_ddof)
+                step = kernels.train_begin(x, *self._batch_stats_arguments(update), out,
+                                           row, self._running_var_ddof)
                 if self._nonfinite == "raise":
                     error = distributed.check_finite(row[2:C + 2], row[C + 2:])
             except Exception as caught:  # every rank must reach the collective
