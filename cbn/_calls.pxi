@@ -276,7 +276,7 @@ cdef void running_update(double* running_mean, double* running_var,
                          bint unbiased) noexcept nogil:
     """PyTorch's update, in place: running = (1 - factor) * running + factor *
     batch, with the unbiased batch variance (n / (n - 1); the biased one,
-    as Keras, Flax and ONNX keep, when not ``unbiased``); with
+    the convention Keras, Flax and ONNX document, when not ``unbiased``); with
     skip_nonfinite, channels whose statistics are not finite keep theirs."""
     cdef Py_ssize_t c
     cdef double correction = <double>n / (n - 1) if unbiased else 1.0

@@ -106,8 +106,9 @@ class BatchNorm(ChannelLayer):
         zeroes the gradient where the output was clipped (y <= 0).
     running_var_ddof : 0 or 1, keyword-only
         The variance the running average keeps: 1 (default) the unbiased
-        batch variance, as PyTorch; 0 the biased one, as Keras, Flax and
-        ONNX. Normalization always uses the biased batch variance.
+        batch variance, as PyTorch; 0 the biased one (the convention Keras,
+        Flax and ONNX document). Normalization always uses the biased batch
+        variance.
     nonfinite : "propagate", "raise" or "skip", keyword-only
         What a forward with batch statistics does when a channel's statistics
         are not finite (NaN or inf in the input): "propagate" them into the
