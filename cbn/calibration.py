@@ -16,7 +16,8 @@ from .moments import Moments, merge_parts
 MODES = ("population", "batch_average")
 
 
-def calibrate(layer: Any, data: Any, *, mode: str, comm: Any, progress: bool) -> Moments:
+def calibrate(layer: Any, data: Any, *, mode: str, comm: Any, progress: bool,
+              mask: Any = None) -> Moments:
     """See BatchNorm.calibrate."""
     owner = f"{type(layer).__name__}.calibrate"
     if layer.running_mean is None:
@@ -30,7 +31,7 @@ def calibrate(layer: Any, data: Any, *, mode: str, comm: Any, progress: bool) ->
         comm = distributed.resolve_comm(comm, owner)
     C = layer.num_features
     try:
-        scan = _scan_data(layer, data, mode, progress, owner)
+        scan = _scan_data(layer, data, mode, progress, owner, mask)
     except Exception as error:
         if comm is None:
             raise
@@ -73,13 +74,27 @@ class Scan:
             self.sum_vars = self.sum_vars + m2 / (count - self.ddof)
 
 
-def _scan_data(layer, data, mode, progress, owner):
+def _batch_and_mask(batch, mask):
+    """A batch of calibrate's data: an array, or an ``(x, mask)`` pair (a
+    tuple of two); ``mask``: calibrate's own, for batches without one."""
+    if isinstance(batch, tuple) and len(batch) == 2:
+        if mask is not None:
+            raise ValueError("a batch given as an (x, mask) pair, and mask= as well; "
+                             "pass one of them")
+        return batch
+    return batch, mask
+
+
+def _scan_data(layer, data, mode, progress, owner, mask=None):
     C = layer.num_features
     scan = Scan(C, ddof=layer.running_var_ddof)
     if isinstance(data, Moments):
         if mode != "population":
             raise ValueError(f"{owner}: a Moments object holds the population's "
                              "moments only; mode='batch_average' needs the batches")
+        if mask is not None:
+            raise ValueError(f"{owner}: mask= applies to batches, and data is a "
+                             "Moments object (take the mask into Moments.of/update)")
         if data.num_features != C:
             raise ValueError(f"{owner}: the moments have {data.num_features} channels, "
                              f"the layer {C}")
@@ -93,8 +108,9 @@ def _scan_data(layer, data, mode, progress, owner):
     try:
         for k, batch in enumerate(data):
             try:
-                count, mean, m2, _ = kernels.moments(batch, layer.axis, layer._accepts,
-                                                     "batch")
+                x, batch_mask = _batch_and_mask(batch, mask)
+                count, mean, m2, _ = kernels.moments(x, layer.axis, layer._accepts,
+                                                     "batch", batch_mask)
                 if check:
                     bad = distributed.check_finite(mean, m2)
                     if bad is not None:

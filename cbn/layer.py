@@ -302,7 +302,8 @@ class BatchNorm(ChannelLayer):
 
     def calibrate(self, data: Iterable[ArrayLike] | Moments, *,
                   mode: Literal["population", "batch_average"] = "population",
-                  comm: Any = None, progress: bool = False) -> Moments:
+                  comm: Any = None, progress: bool = False,
+                  mask: ArrayLike | None = None) -> Moments:
         """Re-estimate the running statistics over a whole data set ("precise
         BN", BN adaptation after training, pruning or quantization).
 
@@ -341,7 +342,8 @@ class BatchNorm(ChannelLayer):
         """
         from .calibration import calibrate
         with self._lock:
-            return calibrate(self, data, mode=mode, comm=comm, progress=progress)
+            return calibrate(self, data, mode=mode, comm=comm, progress=progress,
+                             mask=mask)
 
     # -- inference forms
 
