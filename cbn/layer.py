@@ -505,6 +505,16 @@ class BatchNorm(ChannelLayer):
         return _state.layer_from_torch(cls, module, axis=axis, dtype=dtype,
                                        activation=activation)
 
+    @classmethod
+    def from_keras(cls, layer: Any) -> Self:
+        """An eval-mode layer computing what a built Keras
+        ``BatchNormalization`` computes (any object with its attributes; cbn
+        never imports keras): momentum becomes ``1 - momentum``, the running
+        variance the biased one; options cbn cannot reproduce raise
+        ValueError. See docs/conventions.md."""
+        from ._keras import layer_from_keras
+        return layer_from_keras(cls, layer)
+
     def __getstate__(self) -> dict[str, Any]:
         # Parameters, buffers, hyper-parameters and gradients; not the lock,
         # the cache or the last forward's record.
