@@ -149,7 +149,7 @@ cdef class Record(View):
 cdef Record finish_record(Record r, object out, bint relu):
     """``r`` once its forward has run: its output finished."""
     r.output = finish(r)
-    r.overwritten = out is not None and shares_memory(out, r.source)
+    r.overwritten = out is not None and shares_memory(r.result, r.source)
     r.relu_output = r.output if relu else None
     r.num_channels = r.b.C
     return r
@@ -221,16 +221,17 @@ def moments(x, axis, Accepts accepts=ANY_INPUT, str name="input"):
 
 cdef tuple stats_out(object out, View v):
     """``out`` of batch_stats: a pair of separate writable (C,) arrays of the
-    input's dtype."""
+    input's dtype (ndarrays, or DLPack tensors written through their memory)."""
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise TypeError(
             "out must be a pair (mean, var) of arrays, got "
             f"{type(out).__name__}"
             f"{'' if not isinstance(out, (tuple, list)) else f' of {len(out)}'}"
         )
+    arrays = []
     for name, array in zip(("out[0] (mean)", "out[1] (var)"), out):
-        if not isinstance(array, numpy.ndarray):
-            raise TypeError(f"{name} must be a NumPy array, got {type(array).__name__}")
+        array = out_array(array, name)
+        arrays.append(array)
         if array.shape != (v.b.C,):
             raise ValueError(f"{name} has shape {array.shape}, expected "
                              f"({v.b.C},) for {v.b.C} channels")
@@ -239,9 +240,9 @@ cdef tuple stats_out(object out, View v):
                             f"{v.dtype}")
         if not array.flags.writeable:
             raise ValueError(f"{name} is read-only")
-    if numpy.may_share_memory(out[0], out[1]):
+    if numpy.may_share_memory(arrays[0], arrays[1]):
         raise ValueError("out[0] (mean) and out[1] (var) must be separate arrays")
-    return tuple(out)
+    return tuple(arrays)
 
 
 # -- forwards
@@ -357,22 +358,27 @@ cdef TrainStep train_step(x, axis, Accepts accepts, weight, bias, eps, running_m
     t.block = new_block(R_ROWS, C)
     read_channels(weight, C, row(t.block, R_WEIGHT, C), "weight", 1.0, True)
     read_channels(bias, C, row(t.block, R_BIAS, C), "bias", 0.0, True)
-    if t.update:
-        running_buffer(running_mean, C, "running_mean")
-        running_buffer(running_var, C, "running_var")
+    if t.update:  # ndarrays from here on (a tensor's memory, through DLPack)
+        running_mean = running_buffer(running_mean, C, "running_mean")
+        running_var = running_buffer(running_var, C, "running_var")
     t.out, t.running_mean, t.running_var = out, running_mean, running_var
     t.relu, t.nonfinite = relu, nonfinite
     t.unbiased = var_ddof == 1
     return t
 
 
-cdef int check_count(Py_ssize_t count, View v) except -1:
+cdef int check_count(Py_ssize_t count, View v, bint training=True) except -1:
     """PyTorch's rule: one value per channel has no variance. ``v``: this
-    process's input, or None for a batch spread over processes."""
+    process's input, or None for a batch spread over processes. Not
+    ``training``: an eval forward of a layer without running statistics,
+    which normalizes with the batch's statistics too."""
     if count == 1:
         where = ("a global batch of 1 value per channel (over all processes)"
                  if v is None else f"input size {v.source.shape}")
-        raise ValueError(f"Expected more than 1 value per channel when training, got {where}")
+        when = ("when training" if training else
+                "to compute batch statistics (a layer without running statistics "
+                "normalizes with them in eval mode too)")
+        raise ValueError(f"Expected more than 1 value per channel {when}, got {where}")
     return 0
 
 
@@ -420,8 +426,8 @@ cpdef Record train_forward(x, axis, Accepts accepts, weight, bias, eps, running_
     cdef View v = t.r
     cdef Py_ssize_t C = v.b.C, n = v.b.outer * v.b.inner
     cdef int status = 0
-    check_count(n, v)
-    output_for(v, out, (running_mean, running_var) if t.update else ())
+    check_count(n, v, not may_overwrite_input)
+    output_for(v, out, (t.running_mean, t.running_var) if t.update else ())
     cdef const void* xp = data_of(v.data)
     cdef void* yp = data_of(v.kernel)
     cdef double* s = row(t.block, 0, C)
@@ -452,7 +458,7 @@ def train_begin(x, axis, Accepts accepts, weight, bias, eps, running_mean, runni
     cdef double* p = packed_data(packed, 2 * C + 2, "packed")
     if cnp.PyArray_SIZE(<cnp.ndarray>packed) != 2 * C + 2:
         raise ValueError(f"packed must hold {2 * C + 2} values")
-    output_for(v, out, (running_mean, running_var) if t.update else ())
+    output_for(v, out, (t.running_mean, t.running_var) if t.update else ())
     t.count = v.b.outer * v.b.inner
     p[0] = v.result_dtype().num
     p[1] = t.count

@@ -99,16 +99,13 @@ cdef int read_channels(object v, Py_ssize_t C, double* dst, str name,  # OUT dst
 
 
 cdef object running_buffer(object value, Py_ssize_t C, str name):
-    """A running-statistics array that will be updated in place."""
+    """A running-statistics array that will be updated in place: ``value``,
+    or the ndarray over a DLPack tensor's memory."""
     if (plain_float_array(value) and cnp.PyArray_NDIM(<cnp.ndarray>value) == 1
             and cnp.PyArray_DIMS(<cnp.ndarray>value)[0] == C
             and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>value)):
         return value
-    if not cnp.PyArray_Check(value):
-        raise TypeError(
-            f"{name} must be a NumPy array to be updated in place, "
-            f"got {type(value).__name__}"
-        )
+    value = _convert.writable_array(value, name, "updated in place")
     if value.dtype.kind != "f":
         raise TypeError(f"{name} must have a floating dtype, got {value.dtype}")
     if value.shape != (C,):
@@ -171,9 +168,16 @@ cdef bint same_buffer(object a, object b) noexcept:
             and cnp.PyArray_NBYTES(<cnp.ndarray>a) == cnp.PyArray_NBYTES(<cnp.ndarray>b))
 
 
+cdef inline object out_array(object out, str name="out"):
+    """``out`` as the ndarray written (a DLPack tensor's memory), or None."""
+    if out is None or cnp.PyArray_Check(out):
+        return out
+    return _convert.writable_array(out, name, "written in place")
+
+
 cdef int check_not_over_input(object out, View v) except -1:
     """A training forward may not write over its input: backward needs it."""
-    if out is not None and shares_memory(out, v.source):
+    if out is not None and shares_memory(out_array(out), v.source):
         raise ValueError(
             "out overlaps the input: a training forward cannot write its output "
             "over its input, since backward needs the input; pass a separate out "
@@ -200,8 +204,7 @@ cdef int output_for(View v, object out, tuple others, str name="out") except -1:
         else:
             v.result = numpy.empty(v.shape, dtype=v.result_dtype())
     else:
-        if not cnp.PyArray_Check(out):
-            raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
+        out = out_array(out, name)
         if not same_dims(<cnp.ndarray>out, source):
             raise ValueError(
                 f"{name} has shape {out.shape}, expected the input's shape {v.shape}"

@@ -1,4 +1,4 @@
-"""The BatchNorm layer's semantics (issue 2), one test per rule.
+"""The BatchNorm layer's semantics, one test per rule.
 
 PyTorch's rules (biased variance to normalize, unbiased running_var, the
 momentum update, cumulative averages, track_running_stats, eval purity, the
