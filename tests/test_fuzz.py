@@ -886,7 +886,7 @@ def load_garbage(config):
 def nbt_garbage():
     return [("-1", lambda: -1, ["-1"]), ("array(-5)", lambda: np.array(-5), ["-5"]),
             ("1.5", lambda: 1.5, ["float64"]), ("pair", lambda: np.array([1, 2]), ["(2,)"]),
-            ("str", lambda: "x", ["<U1"]), ("None", lambda: None, ["object"]),
+            ("str", lambda: "x", ["<U1"]), ("None", lambda: None, ["None"]),
             ("bool", lambda: np.array(True), ["bool"]), ("2**70", lambda: 2 ** 70, ["object"]),
             ("empty", lambda: np.array([], np.int64), ["(0,)"]),
             ("complex", lambda: 1j, ["complex128"]),
