@@ -356,11 +356,11 @@ cdef TrainStep train_step(x, axis, Accepts accepts, weight, bias, eps, running_m
     if not may_overwrite_input:
         check_not_over_input(out, v)
     t.block = new_block(R_ROWS, C)
-    read_channels(weight, C, row(t.block, R_WEIGHT, C), "weight", 1.0, True)
-    read_channels(bias, C, row(t.block, R_BIAS, C), "bias", 0.0, True)
+    read_channels(weight, C, row(t.block, R_WEIGHT, C), "weight", 1.0, True, v)
+    read_channels(bias, C, row(t.block, R_BIAS, C), "bias", 0.0, True, v)
     if t.update:  # ndarrays from here on (a tensor's memory, through DLPack)
-        running_mean = running_buffer(running_mean, C, "running_mean")
-        running_var = running_buffer(running_var, C, "running_var")
+        running_mean = running_buffer(running_mean, C, "running_mean", v)
+        running_var = running_buffer(running_var, C, "running_var", v)
     t.out, t.running_mean, t.running_var = out, running_mean, running_var
     t.relu, t.nonfinite = relu, nonfinite
     t.unbiased = var_ddof == 1
@@ -518,10 +518,10 @@ def eval_forward(x, axis, weight, bias, running_mean, running_var, eps, momentum
     if s == NULL:
         raise MemoryError()
     try:
-        read_channels(weight, C, s + R_WEIGHT * C, "weight", 1.0, True)
-        read_channels(bias, C, s + R_BIAS * C, "bias", 0.0, True)
-        read_channels(running_mean, C, s + R_MEAN * C, "running_mean")
-        read_channels(running_var, C, s + R_VAR * C, "running_var")
+        read_channels(weight, C, s + R_WEIGHT * C, "weight", 1.0, True, v)
+        read_channels(bias, C, s + R_BIAS * C, "bias", 0.0, True, v)
+        read_channels(running_mean, C, s + R_MEAN * C, "running_mean", 0.0, False, v)
+        read_channels(running_var, C, s + R_VAR * C, "running_var", 0.0, False, v)
         output_for(v, out, ())
         xp = data_of(v.data)
         yp = data_of(v.kernel)
@@ -743,9 +743,9 @@ def backward(dy, x, axis, save_mean, save_invstd, weight, training, out):
     if s == NULL:
         raise MemoryError()
     try:
-        read_channels(save_mean, C, s, "save_mean")
-        read_channels(save_invstd, C, s + C, "save_invstd")
-        read_channels(weight, C, s + 2 * C, "weight", 1.0, True)
+        read_channels(save_mean, C, s, "save_mean", 0.0, False, v)
+        read_channels(save_invstd, C, s + C, "save_invstd", 0.0, False, v)
+        read_channels(weight, C, s + 2 * C, "weight", 1.0, True, v)
         training_c = check_training_flag(training)
         dy_data = view_like(dy, v, "dy")  # last: it may copy a huge dy
         return run_backward(v, dy, dy_data, s, s + C, s + 2 * C, training_c, out, None,

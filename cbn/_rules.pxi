@@ -73,10 +73,27 @@ def channel_vector(value, Py_ssize_t num_channels, str name, dtype=numpy.float64
     return numpy.ascontiguousarray(array, dtype=dtype)
 
 
+cdef str vector_hint(object value, View of):
+    """The end of a per-channel vector's wrong-length message: the axis of
+    ``of``'s input of the vector's length, if any, as the ``axis=`` the
+    caller may have meant."""
+    if of is None:
+        return ""
+    try:
+        shape = numpy.shape(value)
+    except Exception:
+        return ""
+    if len(shape) != 1:
+        return ""
+    hint = axis_hint(of.source.shape, of.axis, shape[0])
+    return f" (input of shape {of.source.shape})" + hint if hint else ""
+
+
 cdef int read_channels(object v, Py_ssize_t C, double* dst, str name,  # OUT dst (C,)
-                       double fill=0.0, bint optional=False) except -1:
+                       double fill=0.0, bint optional=False, View of=None) except -1:
     """A per-channel vector copied into ``dst`` as double; None means ``fill``
-    where the vector is optional."""
+    where the vector is optional. ``of``: the call's input, for the hint of
+    a wrong length."""
     cdef Py_ssize_t c
     cdef const float* f
     cdef const double* d
@@ -86,7 +103,10 @@ cdef int read_channels(object v, Py_ssize_t C, double* dst, str name,  # OUT dst
         return 0
     if not (plain_float_array(v) and cnp.PyArray_NDIM(<cnp.ndarray>v) == 1
             and cnp.PyArray_DIMS(<cnp.ndarray>v)[0] == C):
-        v = channel_vector(v, C, name)
+        try:
+            v = channel_vector(v, C, name)
+        except ValueError as error:
+            raise ValueError(f"{error}{vector_hint(v, of)}") from None
     if cnp.PyArray_TYPE(<cnp.ndarray>v) == cnp.NPY_FLOAT:
         f = <const float*>cnp.PyArray_DATA(<cnp.ndarray>v)
         for c in range(C):
@@ -98,7 +118,7 @@ cdef int read_channels(object v, Py_ssize_t C, double* dst, str name,  # OUT dst
     return 0
 
 
-cdef object running_buffer(object value, Py_ssize_t C, str name):
+cdef object running_buffer(object value, Py_ssize_t C, str name, View of=None):
     """A running-statistics array that will be updated in place: ``value``,
     or the ndarray over a DLPack tensor's memory."""
     if (plain_float_array(value) and cnp.PyArray_NDIM(<cnp.ndarray>value) == 1
@@ -111,6 +131,7 @@ cdef object running_buffer(object value, Py_ssize_t C, str name):
     if value.shape != (C,):
         raise ValueError(
             f"{name} has shape {value.shape}, expected ({C},) for {C} channels"
+            f"{vector_hint(value, of)}"
         )
     if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>value):
         raise ValueError(f"{name} is read-only and cannot be updated in place")

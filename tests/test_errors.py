@@ -518,6 +518,37 @@ def test_wrong_channel_count_names_the_matching_axis(cls, shape, axis, match):
     assert layer_state(layer) == before
 
 
+CHANNELS_LAST = (8, 6, 6, 3)   # axis 1 (the default) has 6 channels, axis -1 has 3
+
+
+@pytest.mark.parametrize("call", [
+    pytest.param(lambda x, v: cbn.batch_norm(x, v, v + 1), id="batch_norm-eval"),
+    pytest.param(lambda x, v: cbn.batch_norm(x, v, v + 1, training=True), id="batch_norm-train"),
+    pytest.param(lambda x, v: cbn.batch_norm(x, None, None, v, training=True),
+                 id="batch_norm-weight"),
+    pytest.param(lambda x, v: cbn.batch_norm_forward(x, v, v), id="batch_norm_forward"),
+    pytest.param(lambda x, v: cbn.batch_norm_backward(x, x, v, v + 1), id="batch_norm_backward"),
+])
+def test_functions_name_the_axis_matching_the_per_channel_vectors(rng, call):
+    x = make_input(rng, CHANNELS_LAST)
+    vector = np.zeros(3)
+    x_before = x.copy()
+    with pytest.raises(ValueError, match=r"has shape \(3,\), expected \(6,\) for 6 channels "
+                                         r"\(input of shape \(8, 6, 6, 3\)\); axis -1 has "
+                                         r"length 3: did you mean axis=-1\?$"):
+        call(x, vector)
+    assert x.tobytes() == x_before.tobytes() and not vector.any()
+
+
+def test_running_buffer_of_the_wrong_length_names_the_matching_axis(rng):
+    running_mean, running_var = np.zeros(3), np.ones(3)
+    with pytest.raises(ValueError, match=r"running_mean has shape \(3,\).*did you mean "
+                                         r"axis=-1\?$"):
+        cbn.batch_norm(make_input(rng, CHANNELS_LAST), running_mean, running_var,
+                       training=True)
+    assert not running_mean.any() and (running_var == 1).all()
+
+
 @pytest.mark.parametrize("shape", [(8, 5, 5), (3, 5, 5)], ids=["no-axis", "batch-axis"])
 def test_wrong_channel_count_without_a_matching_axis_suggests_none(shape):
     """The batch axis is never suggested, however long it is."""
