@@ -293,3 +293,14 @@ def test_layer_refuses_tensors_that_require_grad(rng):
     # detached, the same tensors are fine
     layer.weight = torch.ones(4, requires_grad=True).detach()
     layer(_grad(torch.from_numpy(x)).detach())
+
+
+def test_frozen_layer_reads_and_writes_tensors(rng):
+    layer = cbn.BatchNorm(4)
+    layer(data(rng, offset=1.0))
+    frozen = layer.eval().freeze()
+    x = data(rng)
+    out = torch.zeros(SHAPE)
+    result = frozen(torch.from_numpy(x.copy()), out=out)
+    assert pointer(result) == out.data_ptr()
+    np.testing.assert_array_equal(out.numpy(), frozen(x))
