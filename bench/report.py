@@ -48,7 +48,7 @@ def header(facts, repeats, copy_threads, quick):
 
 def targets_list(targets):
     width = max(len(target["requirement"]) for target in targets)
-    lines = ["Targets (from the issue)"]
+    lines = ["Targets"]
     for target in targets:
         lines.append(f"  [{target['status']:>4}] {target['requirement'].ljust(width)}  "
                      f"{target['value']}")

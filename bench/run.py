@@ -21,7 +21,7 @@ mpi4py), and cbn.dask.moments of a 1 GiB memmapped file against reading it
 through Dask (--filter dask; needs Dask; left out of --quick unless --filter
 selects it). Every row records the load
 of other processes while it was timed; loaded rows are marked *. Prints the
-tables and the issue's targets with PASS/FAIL (targets about the full
+tables and the performance targets with PASS/FAIL (targets about the full
 suite's cases are N/A in --quick), writes the results as JSON and, when
 matplotlib is installed, a PNG chart.
 

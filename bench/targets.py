@@ -1,4 +1,4 @@
-"""The performance targets of the issue, checked against a run's results.
+"""cbn's performance targets, checked against a run's results.
 
 Each target comes back as a dict: what is required, the measured value, and
 its status: PASS or FAIL; SKIP when the run has nothing to judge it by (a
@@ -227,7 +227,7 @@ def _not_applicable(targets, reason):
 def evaluate(results, quick=False, installed=None):
     """Every target (and check) of a run's ``results`` (the JSON dict's parts:
     suite, small_calls, thread_scaling, default_threads, pipeline), in the
-    issue's order. ``installed``: {peer key or "torch": bool}."""
+    order of the targets list. ``installed``: {peer key or "torch": bool}."""
     rows = results.get("suite", [])
     installed = installed or {}
     threads = results.get("options", {}).get("threads", 2)

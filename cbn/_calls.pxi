@@ -164,7 +164,7 @@ cdef class Record(View):
 cdef Record finish_record(Record r, object out, bint relu):
     """``r`` once its forward has run: its output finished."""
     r.output = finish(r)
-    r.overwritten = out is not None and shares_memory(out, r.source)
+    r.overwritten = out is not None and shares_memory(r.result, r.source)
     r.relu_output = r.output if relu else None
     r.num_channels = r.b.C
     return r
@@ -253,16 +253,17 @@ def check_mask(x, axis, mask):
 
 cdef tuple stats_out(object out, View v):
     """``out`` of batch_stats: a pair of separate writable (C,) arrays of the
-    input's dtype."""
+    input's dtype (ndarrays, or DLPack tensors written through their memory)."""
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise TypeError(
             "out must be a pair (mean, var) of arrays, got "
             f"{type(out).__name__}"
             f"{'' if not isinstance(out, (tuple, list)) else f' of {len(out)}'}"
         )
+    arrays = []
     for name, array in zip(("out[0] (mean)", "out[1] (var)"), out):
-        if not isinstance(array, numpy.ndarray):
-            raise TypeError(f"{name} must be a NumPy array, got {type(array).__name__}")
+        array = out_array(array, name)
+        arrays.append(array)
         if array.shape != (v.b.C,):
             raise ValueError(f"{name} has shape {array.shape}, expected "
                              f"({v.b.C},) for {v.b.C} channels")
@@ -271,9 +272,9 @@ cdef tuple stats_out(object out, View v):
                             f"{v.dtype}")
         if not array.flags.writeable:
             raise ValueError(f"{name} is read-only")
-    if numpy.may_share_memory(out[0], out[1]):
+    if numpy.may_share_memory(arrays[0], arrays[1]):
         raise ValueError("out[0] (mean) and out[1] (var) must be separate arrays")
-    return tuple(out)
+    return tuple(arrays)
 
 
 # -- forwards
@@ -387,27 +388,33 @@ cdef TrainStep train_step(x, axis, Accepts accepts, weight, bias, eps, running_m
     if not may_overwrite_input:
         check_not_over_input(out, v)
     t.block = new_block(R_ROWS, C)
-    read_channels(weight, C, row(t.block, R_WEIGHT, C), "weight", 1.0, True)
-    read_channels(bias, C, row(t.block, R_BIAS, C), "bias", 0.0, True)
-    if t.update:
-        running_buffer(running_mean, C, "running_mean")
-        running_buffer(running_var, C, "running_var")
+    read_channels(weight, C, row(t.block, R_WEIGHT, C), "weight", 1.0, True, v)
+    read_channels(bias, C, row(t.block, R_BIAS, C), "bias", 0.0, True, v)
+    if t.update:  # ndarrays from here on (a tensor's memory, through DLPack)
+        running_mean = running_buffer(running_mean, C, "running_mean", v)
+        running_var = running_buffer(running_var, C, "running_var", v)
     t.out, t.running_mean, t.running_var = out, running_mean, running_var
     t.relu, t.nonfinite = relu, nonfinite
     t.unbiased = var_ddof == 1
     return t
 
 
-cdef int check_count(Py_ssize_t count, View v, bint masked=False) except -1:
+cdef int check_count(Py_ssize_t count, View v, bint training=True,
+                     bint masked=False) except -1:
     """PyTorch's rule: one value per channel has no variance. ``v``: this
-    process's input, or None for a batch spread over processes; ``masked``:
-    the count is of a mask's valid positions."""
+    process's input, or None for a batch spread over processes. Not
+    ``training``: an eval forward of a layer without running statistics,
+    which normalizes with the batch's statistics too. ``masked``: the count
+    is of a mask's valid positions."""
     if count == 1:
         where = ("a global batch of 1 value per channel (over all processes)"
                  if v is None else f"input size {v.source.shape}")
         if masked and v is not None:
             where += " with 1 valid position in its mask"
-        raise ValueError(f"Expected more than 1 value per channel when training, got {where}")
+        when = ("when training" if training else
+                "to compute batch statistics (a layer without running statistics "
+                "normalizes with them in eval mode too)")
+        raise ValueError(f"Expected more than 1 value per channel {when}, got {where}")
     return 0
 
 
@@ -461,8 +468,8 @@ cpdef Record train_forward(x, axis, Accepts accepts, weight, bias, eps, running_
     valid, count = valid_positions(mask, v)
     if valid is not None:
         n = count
-    check_count(n, v, valid is not None)
-    output_for(v, out, (running_mean, running_var) if t.update else ())
+    check_count(n, v, not may_overwrite_input, valid is not None)
+    output_for(v, out, (t.running_mean, t.running_var) if t.update else ())
     cdef const void* xp = data_of(v.data)
     cdef void* yp = data_of(v.kernel)
     cdef double* s = row(t.block, 0, C)
@@ -498,7 +505,7 @@ def train_begin(x, axis, Accepts accepts, weight, bias, eps, running_mean, runni
     if cnp.PyArray_SIZE(<cnp.ndarray>packed) != 2 * C + 2:
         raise ValueError(f"packed must hold {2 * C + 2} values")
     valid, count = valid_positions(mask, v)
-    output_for(v, out, (running_mean, running_var) if t.update else ())
+    output_for(v, out, (t.running_mean, t.running_var) if t.update else ())
     t.count = v.b.outer * v.b.inner if valid is None else count
     t.r.valid = valid
     t.r.valid_count = t.count
@@ -564,10 +571,10 @@ def eval_forward(x, axis, weight, bias, running_mean, running_var, eps, momentum
     if s == NULL:
         raise MemoryError()
     try:
-        read_channels(weight, C, s + R_WEIGHT * C, "weight", 1.0, True)
-        read_channels(bias, C, s + R_BIAS * C, "bias", 0.0, True)
-        read_channels(running_mean, C, s + R_MEAN * C, "running_mean")
-        read_channels(running_var, C, s + R_VAR * C, "running_var")
+        read_channels(weight, C, s + R_WEIGHT * C, "weight", 1.0, True, v)
+        read_channels(bias, C, s + R_BIAS * C, "bias", 0.0, True, v)
+        read_channels(running_mean, C, s + R_MEAN * C, "running_mean", 0.0, False, v)
+        read_channels(running_var, C, s + R_VAR * C, "running_var", 0.0, False, v)
         output_for(v, out, ())
         xp = data_of(v.data)
         yp = data_of(v.kernel)
@@ -798,9 +805,9 @@ def backward(dy, x, axis, save_mean, save_invstd, weight, training, out, mask=No
     if s == NULL:
         raise MemoryError()
     try:
-        read_channels(save_mean, C, s, "save_mean")
-        read_channels(save_invstd, C, s + C, "save_invstd")
-        read_channels(weight, C, s + 2 * C, "weight", 1.0, True)
+        read_channels(save_mean, C, s, "save_mean", 0.0, False, v)
+        read_channels(save_invstd, C, s + C, "save_invstd", 0.0, False, v)
+        read_channels(weight, C, s + 2 * C, "weight", 1.0, True, v)
         training_c = check_training_flag(training)
         dy_data = view_like(dy, v, "dy")  # last: it may copy a huge dy
         return run_backward(v, dy, dy_data, s, s + C, s + 2 * C, training_c, out, None,

@@ -7,6 +7,13 @@ about values, shapes, overlaps and state lives in the executor (cbn/_core.pyx
 and its .pxi files), which calls these functions only for inputs that are not
 already plain (C-contiguous, aligned, native float32/float64 ndarrays and
 exact Python numbers). See docs/developing.md for the table of rules.
+
+Arrays of other libraries are read through DLPack (``np.from_dlpack``): a
+PyTorch CPU tensor, a JAX CPU array or any object with ``__dlpack__`` becomes
+an ndarray over the same memory, so the kernels read (and ``out=`` or running
+statistics are written) in place, without a copy. A tensor that requires grad
+is refused: cbn computes outside any autograd graph, and reading it silently
+would detach it behind the caller's back.
 """
 import numbers
 import operator
@@ -43,15 +50,19 @@ def compute_dtype(dtype, name="input"):
     try:
         return _COMPUTE_DTYPES[native]
     except KeyError:
+        hint = ""
+        if native.kind in "iub":
+            hint = f"; convert it to a float dtype first, e.g. {name}.astype(np.float32)"
         raise TypeError(
             f"{name} has dtype {np.dtype(dtype)}; cbn supports float16, bfloat16, "
-            "float32 and float64 data"
+            f"float32 and float64 data{hint}"
         ) from None
 
 
 def _tensor_to_numpy(value):
     """A PyTorch-like tensor (duck-typed: cbn never imports torch) as an
-    ndarray, and the dtype its results come back in."""
+    ndarray, and the dtype its results come back in: for what DLPack does
+    not carry to NumPy (bfloat16, other devices, objects without DLPack)."""
     value = value.detach()
     if hasattr(value, "cpu"):
         value = value.cpu()
@@ -69,18 +80,58 @@ def _tensor_to_numpy(value):
     return array, array.dtype
 
 
-def to_numpy(value):
-    """An ndarray view of any array-like, PyTorch CPU tensors included."""
-    return to_numpy_with_dtype(value)[0]
+def _requires_grad(value):
+    return getattr(value, "requires_grad", False) is True
 
 
-def to_numpy_with_dtype(value):
+def check_no_grad(value, name):
+    """TypeError for a tensor that requires grad (an autograd leaf or result)."""
+    if _requires_grad(value):
+        raise TypeError(
+            f"{name} is a {type(value).__name__} that requires grad; cbn works "
+            f"outside autograd: pass {name}.detach()"
+        )
+
+
+def _from_dlpack(value):
+    """``value``'s memory as an ndarray (no copy), or the reason NumPy cannot
+    read it (another device, a dtype NumPy lacks such as bfloat16)."""
+    try:
+        return np.from_dlpack(value), None
+    except (BufferError, RuntimeError, TypeError, ValueError) as exc:
+        return None, exc
+
+
+def to_numpy(value, name="value"):
+    """An ndarray view of any array-like, PyTorch CPU tensors included (one
+    that requires grad is detached: for parameters read from a model)."""
+    if _requires_grad(value) and hasattr(value, "detach"):
+        value = value.detach()
+    return to_numpy_with_dtype(value, name)[0]
+
+
+def to_numpy_with_dtype(value, name="input"):
     """``(array, result_dtype)``: ``value`` as an ndarray (no copy where it
-    already is one) and the dtype results computed from it come back in."""
+    already is one or implements DLPack on the CPU) and the dtype results
+    computed from it come back in. TypeError for None, a tensor that
+    requires grad and what is not an array."""
     if isinstance(value, np.ndarray):
         return value, value.dtype
+    if value is None:
+        raise TypeError(f"{name}: expected an array, got None")
+    check_no_grad(value, name)
+    reason = None
+    if hasattr(value, "__dlpack__"):
+        array, reason = _from_dlpack(value)
+        if array is not None:
+            return array, array.dtype
     if hasattr(value, "detach") and hasattr(value, "numpy"):
         return _tensor_to_numpy(value)
+    if reason is not None and not hasattr(value, "__array__"):
+        raise TypeError(
+            f"{name} is a {type(value).__name__} with DLPack that NumPy cannot read "
+            f"on the CPU ({reason})"
+        )
     try:
         array = np.asarray(value)
     except Exception as exc:  # ragged sequences and other non-arrays
@@ -90,10 +141,32 @@ def to_numpy_with_dtype(value):
     return array, array.dtype
 
 
+def writable_array(value, name, purpose):
+    """The ndarray through which ``value`` is written in place: ``value``
+    itself, or the memory of a DLPack tensor on the CPU (a torch tensor).
+    TypeError for anything else; whether it may be written (read-only,
+    layout) is the caller's rule."""
+    if isinstance(value, np.ndarray):
+        return value
+    check_no_grad(value, name)
+    if hasattr(value, "__dlpack__"):
+        array, reason = _from_dlpack(value)
+        if array is not None:
+            return array
+        raise TypeError(
+            f"{name} is a {type(value).__name__} that NumPy cannot write in place "
+            f"({reason}); pass a NumPy array or a CPU tensor"
+        )
+    raise TypeError(
+        f"{name} must be a NumPy array or a CPU tensor with DLPack (such as a torch "
+        f"tensor) to be {purpose}, got {type(value).__name__}"
+    )
+
+
 def input_array(x, name="input"):
     """``(array, result_dtype)`` for data: an ndarray of a supported float
     dtype, not copied unless it was not an array. TypeError otherwise."""
-    array, result_dtype = to_numpy_with_dtype(x)
+    array, result_dtype = to_numpy_with_dtype(x, name)
     compute_dtype(array.dtype, name)
     return array, result_dtype.newbyteorder("=")
 
@@ -108,7 +181,7 @@ def kernel_layout(array, dtype):
 def real_array(value, name):
     """A per-channel vector (weight, bias, statistics) as an ndarray holding
     real numbers (ints and floats, not bool); TypeError otherwise."""
-    array = to_numpy(value)
+    array = to_numpy_with_dtype(value, name)[0]
     if _is_bfloat16(array.dtype):
         return array.astype(np.float32)
     if array.dtype.kind not in "fiu":

@@ -73,10 +73,27 @@ def channel_vector(value, Py_ssize_t num_channels, str name, dtype=numpy.float64
     return numpy.ascontiguousarray(array, dtype=dtype)
 
 
+cdef str vector_hint(object value, View of):
+    """The end of a per-channel vector's wrong-length message: the axis of
+    ``of``'s input of the vector's length, if any, as the ``axis=`` the
+    caller may have meant."""
+    if of is None:
+        return ""
+    try:
+        shape = numpy.shape(value)
+    except Exception:
+        return ""
+    if len(shape) != 1:
+        return ""
+    hint = axis_hint(of.source.shape, of.axis, shape[0])
+    return f" (input of shape {of.source.shape})" + hint if hint else ""
+
+
 cdef int read_channels(object v, Py_ssize_t C, double* dst, str name,  # OUT dst (C,)
-                       double fill=0.0, bint optional=False) except -1:
+                       double fill=0.0, bint optional=False, View of=None) except -1:
     """A per-channel vector copied into ``dst`` as double; None means ``fill``
-    where the vector is optional."""
+    where the vector is optional. ``of``: the call's input, for the hint of
+    a wrong length."""
     cdef Py_ssize_t c
     cdef const float* f
     cdef const double* d
@@ -86,7 +103,10 @@ cdef int read_channels(object v, Py_ssize_t C, double* dst, str name,  # OUT dst
         return 0
     if not (plain_float_array(v) and cnp.PyArray_NDIM(<cnp.ndarray>v) == 1
             and cnp.PyArray_DIMS(<cnp.ndarray>v)[0] == C):
-        v = channel_vector(v, C, name)
+        try:
+            v = channel_vector(v, C, name)
+        except ValueError as error:
+            raise ValueError(f"{error}{vector_hint(v, of)}") from None
     if cnp.PyArray_TYPE(<cnp.ndarray>v) == cnp.NPY_FLOAT:
         f = <const float*>cnp.PyArray_DATA(<cnp.ndarray>v)
         for c in range(C):
@@ -98,22 +118,20 @@ cdef int read_channels(object v, Py_ssize_t C, double* dst, str name,  # OUT dst
     return 0
 
 
-cdef object running_buffer(object value, Py_ssize_t C, str name):
-    """A running-statistics array that will be updated in place."""
+cdef object running_buffer(object value, Py_ssize_t C, str name, View of=None):
+    """A running-statistics array that will be updated in place: ``value``,
+    or the ndarray over a DLPack tensor's memory."""
     if (plain_float_array(value) and cnp.PyArray_NDIM(<cnp.ndarray>value) == 1
             and cnp.PyArray_DIMS(<cnp.ndarray>value)[0] == C
             and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>value)):
         return value
-    if not cnp.PyArray_Check(value):
-        raise TypeError(
-            f"{name} must be a NumPy array to be updated in place, "
-            f"got {type(value).__name__}"
-        )
+    value = _convert.writable_array(value, name, "updated in place")
     if value.dtype.kind != "f":
         raise TypeError(f"{name} must have a floating dtype, got {value.dtype}")
     if value.shape != (C,):
         raise ValueError(
             f"{name} has shape {value.shape}, expected ({C},) for {C} channels"
+            f"{vector_hint(value, of)}"
         )
     if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>value):
         raise ValueError(f"{name} is read-only and cannot be updated in place")
@@ -171,9 +189,16 @@ cdef bint same_buffer(object a, object b) noexcept:
             and cnp.PyArray_NBYTES(<cnp.ndarray>a) == cnp.PyArray_NBYTES(<cnp.ndarray>b))
 
 
+cdef inline object out_array(object out, str name="out"):
+    """``out`` as the ndarray written (a DLPack tensor's memory), or None."""
+    if out is None or cnp.PyArray_Check(out):
+        return out
+    return _convert.writable_array(out, name, "written in place")
+
+
 cdef int check_not_over_input(object out, View v) except -1:
     """A training forward may not write over its input: backward needs it."""
-    if out is not None and shares_memory(out, v.source):
+    if out is not None and shares_memory(out_array(out), v.source):
         raise ValueError(
             "out overlaps the input: a training forward cannot write its output "
             "over its input, since backward needs the input; pass a separate out "
@@ -200,8 +225,7 @@ cdef int output_for(View v, object out, tuple others, str name="out") except -1:
         else:
             v.result = numpy.empty(v.shape, dtype=v.result_dtype())
     else:
-        if not cnp.PyArray_Check(out):
-            raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
+        out = out_array(out, name)
         if not same_dims(<cnp.ndarray>out, source):
             raise ValueError(
                 f"{name} has shape {out.shape}, expected the input's shape {v.shape}"
@@ -252,7 +276,7 @@ cdef tuple valid_positions(object mask, View v):
     reach a backward."""
     if mask is None:
         return None, 0
-    m = mask if cnp.PyArray_Check(mask) else _convert.to_numpy(mask)
+    m = mask if cnp.PyArray_Check(mask) else _convert.to_numpy(mask, "mask")
     if m.dtype != numpy.bool_:
         raise TypeError(
             f"mask must be a boolean array (True marks a valid position), got dtype "

@@ -31,7 +31,7 @@ def entries(state_dict, prefix, owner, allow_empty=False):
         if "." in leaf:
             continue
         if leaf in STATE_KEYS:
-            found[leaf] = _convert.to_numpy(value)
+            found[leaf] = _convert.to_numpy(value, key)
         else:
             unexpected.append(key)
     where = f" under prefix {prefix!r}" if prefix else ""
@@ -40,9 +40,39 @@ def entries(state_dict, prefix, owner, allow_empty=False):
     if not found and not allow_empty:
         raise ValueError(
             f"{owner}: no batch-norm entries{where}; expected keys among "
-            f"{[prefix + key for key in STATE_KEYS]}"
+            f"{[prefix + key for key in STATE_KEYS]}{_prefix_hint(state_dict)}"
         )
     return found
+
+
+def batch_norm_prefixes(state_dict):
+    """The module paths of a whole model's state dict that hold a batch
+    norm: those with running statistics or a batch count, else (a model of
+    affine batch norms without running statistics) those whose entries are
+    all batch-norm keys holding 1-D arrays (a dense layer's weight is not)."""
+    leaves = {}
+    for key, value in state_dict.items():
+        if isinstance(key, str) and "." in key:
+            path, _, leaf = key.rpartition(".")
+            leaves.setdefault(path, {})[leaf] = value
+    tracked = [path for path, found in leaves.items()
+               if found.keys() & {"running_mean", "running_var", "num_batches_tracked"}]
+    return tracked or [
+        path for path, found in leaves.items()
+        if found.keys() <= set(STATE_KEYS)
+        and all(len(getattr(value, "shape", ())) == 1 for key, value in found.items()
+                if key != "num_batches_tracked")]
+
+
+def _prefix_hint(state_dict, shown=10):
+    """The end of the "no entries" message: the prefixes found, if any."""
+    prefixes = batch_norm_prefixes(state_dict)
+    if not prefixes:
+        return ""
+    listed = prefixes[:shown] + ([f"... ({len(prefixes)} in all)"]
+                                 if len(prefixes) > shown else [])
+    return (f". The state dict holds batch norms under the prefixes {listed}: "
+            f"pass one as prefix=, e.g. prefix={prefixes[0]!r}")
 
 
 def layout(found, owner):

@@ -100,6 +100,19 @@ cdef int axis_index(object axis, int ndim, object array) except -1:
     return <int>(ax + ndim if ax < 0 else ax)
 
 
+cdef str axis_hint(tuple shape, int ax, Py_ssize_t length):
+    """The end of a wrong-channel-count message: the other axes of ``shape``
+    of ``length`` (the last one as -1, the batch axis 0 never), as the
+    ``axis=`` the caller may have meant; "" when there is none."""
+    matches = [k for k in range(1, len(shape)) if k != ax and shape[k] == length]
+    if not matches:
+        return ""
+    names = [str(-1 if k == len(shape) - 1 else k) for k in matches]
+    return (f"; axis {' and '.join(names)} {'has' if len(names) == 1 else 'have'} "
+            f"length {length}: did you mean "
+            + " or ".join(f"axis={name}" for name in names) + "?")
+
+
 cdef View view_of(object x, object axis, Accepts accepts, str name, View v=None):
     """``x`` checked against ``accepts`` and seen as (outer, C, inner), in
     ``v`` when given (a Record: one object per call)."""
@@ -127,7 +140,7 @@ cdef View view_of(object x, object axis, Accepts accepts, str name, View v=None)
         raise ValueError(
             f"{accepts.owner}({accepts.num_channels}) expects {accepts.num_channels} "
             f"channels on axis {axis}, got {name} of shape {(<object>array).shape} "
-            f"with {dims[ax]}"
+            f"with {dims[ax]}{axis_hint((<object>array).shape, ax, accepts.num_channels)}"
         )
     v.source = array
     if plain:

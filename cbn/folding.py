@@ -182,8 +182,7 @@ def fold_into_conv(weight: ArrayLike, bias: ArrayLike | None, layer: _Foldable, 
         # (groups, 1, out/groups, 1...). torch.nn.utils.fusion (2.13) reshapes
         # the scale to (1, out, 1...) instead, which is right only for
         # groups=1: for other groups it raises a size mismatch, or, when
-        # out/groups == 1, broadcasts to a weight of the wrong shape
-        # (pytorch/pytorch issue 180995).
+        # out/groups == 1, broadcasts to a weight of the wrong shape.
         in_per_group, out_per_group = w.shape[0] // groups, w.shape[1]
         grouped = w64.reshape((groups, in_per_group, out_per_group) + w.shape[2:])
         grouped = grouped * scale.reshape((groups, 1, out_per_group) + kernel_ones)

@@ -2,7 +2,10 @@
 
 Each function hands its arguments as they are to the executor (cbn/_core.pyx),
 which converts what is not plain, checks every rule and runs the kernels; the
-layers use the same executor. Per-channel statistics that are handed between
+layers use the same executor. Arrays of other libraries (PyTorch CPU tensors,
+JAX CPU arrays: anything with ``__dlpack__``) are read in place through
+DLPack, and ``out=`` or running statistics given as tensors are written in
+place; results are NumPy arrays. Per-channel statistics that are handed between
 calls (``save_mean``, ``save_invstd``) are float64 whatever the data's dtype:
 a float32 mean would already lose the accuracy the kernels keep at large means.
 """
@@ -46,7 +49,8 @@ def batch_norm(x: ArrayLike, running_mean: ArrayLike | None, running_var: ArrayL
 
     training=False: normalize with ``running_mean`` / ``running_var`` (required).
     training=True: normalize with the batch statistics and, when running
-    statistics are given (NumPy arrays, both or neither), update them in place:
+    statistics are given (NumPy arrays or CPU tensors, both or neither), update
+    them in place:
     ``running = (1 - momentum) * running + momentum * batch`` with the unbiased
     batch variance. ``axis`` is the channel axis; ``out`` an optional
     C-contiguous array of ``x``'s shape and dtype (``out=x`` works in place in

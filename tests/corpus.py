@@ -8,7 +8,7 @@ import pytest
 
 import cbn
 
-# (shape, channel axis). The small layouts: every layout the issue names, C=1
+# (shape, channel axis). The small layouts: every documented layout, C=1
 # and N=2; cheap enough for tests that loop in Python (finite differences).
 SMALL_LAYOUTS = [
     pytest.param((6, 5), 1, id="NC"),

@@ -1,4 +1,4 @@
-"""Accuracy at large means: the issue's bound for float32 data with
+"""Accuracy at large means: cbn's error bound for float32 data with
 |mean| / std up to 1e6, in every layout, against float64 two-pass results."""
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Concurrency (issue 5, item 5): many Python threads at once, results equal
+"""Concurrency: many Python threads at once, results equal
 to the serial ones.
 
 tests/test_threads.py has four threads on one shared eval/frozen layer and

@@ -1,6 +1,6 @@
-"""Bad input (issue 2): a clear error, and nothing lost.
+"""Bad input: a clear error, and nothing lost.
 
-Every bad input of the issue, for the layer and for the public functions
+Every kind of bad input, for the layer and for the public functions
 ``batch_norm``, ``batch_stats``, ``batch_norm_forward`` and
 ``batch_norm_backward``. Each test checks the exception type and that the
 message names the offending shape, dtype or value; the layer tests also check
@@ -91,6 +91,20 @@ LAYER_FAILURES = [
     ("forward-wrong-channel-count-channels-last", {"axis": -1},
      lambda bn, x, dy: bn(np.ones((4, 5, 4), np.float32)), ValueError, shape_text((4, 5, 4)),
      True),
+    ("forward-channels-last-input", {}, lambda bn, x, dy: bn(np.ones((4, 5, 3), np.float32)),
+     ValueError, shape_text((4, 5, 3)) + r".*axis -1 has length 3: did you mean axis=-1\?$",
+     True),
+    ("forward-channels-first-input", {"axis": -1},
+     lambda bn, x, dy: bn(np.ones((4, 3, 5), np.float32)), ValueError,
+     r"did you mean axis=1\?$", True),
+    ("forward-None", {}, lambda bn, x, dy: bn(None),
+     TypeError, r"^input: expected an array, got None$", True),
+    ("forward-int-input", {}, lambda bn, x, dy: bn(np.ones(SHAPE, np.int64)),
+     TypeError, r"int64.*float dtype.*input\.astype\(np\.float32\)", True),
+    ("backward-None", {}, lambda bn, x, dy: bn.backward(None),
+     TypeError, r"^dy: expected an array, got None$", True),
+    ("backward-int-dy-suggests-float", {}, lambda bn, x, dy: bn.backward(np.ones(SHAPE, int)),
+     TypeError, r"float dtype.*dy\.astype\(np\.float32\)", True),
     ("forward-1d", {}, lambda bn, x, dy: bn(np.ones(3, np.float32)),
      ValueError, shape_text((3,)), True),
     ("forward-0d", {}, lambda bn, x, dy: bn(np.ones((), np.float32)),
@@ -484,3 +498,164 @@ def test_functions_reject_bad_vectors_before_copying_a_huge_input():
     for call in calls:
         with pytest.raises(ValueError, match=r"\(3,\), expected \(4,\)"):
             call()
+
+
+# ---------------------------------------------------------------------------
+# Messages that say the fix
+
+@pytest.mark.parametrize("cls, shape, axis, match", [
+    (cbn.BatchNorm2d, (8, 32, 32, 3), 1, r"axis -1 has length 3: did you mean axis=-1\?$"),
+    (cbn.BatchNorm1d, (8, 20, 3), 1, r"axis -1 has length 3: did you mean axis=-1\?$"),
+    (cbn.BatchNorm2d, (8, 3, 32, 32), -1, r"axis 1 has length 3: did you mean axis=1\?$"),
+    (cbn.BatchNorm2d, (8, 3, 3, 32), -1,
+     r"axis 1 and 2 have length 3: did you mean axis=1 or axis=2\?$"),
+])
+def test_wrong_channel_count_names_the_matching_axis(cls, shape, axis, match):
+    layer = cls(3, axis=axis)
+    before = layer_state(layer)
+    with pytest.raises(ValueError, match=re.escape(str(shape)) + ".*" + match):
+        layer(np.ones(shape, np.float32))
+    assert layer_state(layer) == before
+
+
+CHANNELS_LAST = (8, 6, 6, 3)   # axis 1 (the default) has 6 channels, axis -1 has 3
+
+
+@pytest.mark.parametrize("call", [
+    pytest.param(lambda x, v: cbn.batch_norm(x, v, v + 1), id="batch_norm-eval"),
+    pytest.param(lambda x, v: cbn.batch_norm(x, v, v + 1, training=True), id="batch_norm-train"),
+    pytest.param(lambda x, v: cbn.batch_norm(x, None, None, v, training=True),
+                 id="batch_norm-weight"),
+    pytest.param(lambda x, v: cbn.batch_norm_forward(x, v, v), id="batch_norm_forward"),
+    pytest.param(lambda x, v: cbn.batch_norm_backward(x, x, v, v + 1), id="batch_norm_backward"),
+])
+def test_functions_name_the_axis_matching_the_per_channel_vectors(rng, call):
+    x = make_input(rng, CHANNELS_LAST)
+    vector = np.zeros(3)
+    x_before = x.copy()
+    with pytest.raises(ValueError, match=r"has shape \(3,\), expected \(6,\) for 6 channels "
+                                         r"\(input of shape \(8, 6, 6, 3\)\); axis -1 has "
+                                         r"length 3: did you mean axis=-1\?$"):
+        call(x, vector)
+    assert x.tobytes() == x_before.tobytes() and not vector.any()
+
+
+def test_running_buffer_of_the_wrong_length_names_the_matching_axis(rng):
+    running_mean, running_var = np.zeros(3), np.ones(3)
+    with pytest.raises(ValueError, match=r"running_mean has shape \(3,\).*did you mean "
+                                         r"axis=-1\?$"):
+        cbn.batch_norm(make_input(rng, CHANNELS_LAST), running_mean, running_var,
+                       training=True)
+    assert not running_mean.any() and (running_var == 1).all()
+
+
+@pytest.mark.parametrize("shape", [(8, 5, 5), (3, 5, 5)], ids=["no-axis", "batch-axis"])
+def test_wrong_channel_count_without_a_matching_axis_suggests_none(shape):
+    """The batch axis is never suggested, however long it is."""
+    with pytest.raises(ValueError, match=r"with 5$"):
+        cbn.BatchNorm1d(3)(np.ones(shape, np.float32))
+
+
+@pytest.mark.parametrize("name", ["batch_norm", "batch_norm_eval", "batch_stats",
+                                  "batch_norm_forward", "batch_norm_backward"])
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, np.bool_])
+def test_integer_data_suggests_a_float_dtype(ctx, name, dtype):
+    originals = {key: np.array(value, copy=True) for key, value in vars(ctx).items()}
+    with pytest.raises(TypeError, match=rf"^input has dtype {np.dtype(dtype)}; .*"
+                                        r"convert it to a float dtype first, "
+                                        r"e\.g\. input\.astype\(np\.float32\)$"
+                       if name != "batch_norm_backward" else r"x\.astype\(np\.float32\)"):
+        _call(name, x=np.ones(SHAPE, dtype))(ctx)
+    for key, value in originals.items():
+        assert getattr(ctx, key).tobytes() == value.tobytes(), key
+
+
+def test_complex_data_gets_no_float_suggestion():
+    with pytest.raises(TypeError, match=r"complex64; cbn supports .* data$"):
+        cbn.batch_norm(np.ones(SHAPE, np.complex64), np.zeros(3), np.ones(3))
+
+
+@pytest.mark.parametrize("name, slot", [
+    ("batch_norm", "x"), ("batch_norm_eval", "x"), ("batch_stats", "x"),
+    ("batch_norm_forward", "x"), ("batch_norm_backward", "dy"),
+    ("batch_norm_backward", "x"), ("batch_norm_backward", "save_mean"),
+    ("batch_norm_backward", "save_invstd"),
+])
+def test_none_says_an_array_was_expected(ctx, name, slot):
+    originals = {key: np.array(value, copy=True) for key, value in vars(ctx).items()}
+    label = "input" if slot == "x" and name != "batch_norm_backward" else slot
+    with pytest.raises(TypeError, match=rf"^{label}: expected an array, got None$"):
+        _call(name, **{slot: None})(ctx)
+    for key, value in originals.items():
+        assert getattr(ctx, key).tobytes() == value.tobytes(), key
+
+
+def _model_state_dict(affine_only=False):
+    """A small convolutional network's state dict, as PyTorch names it."""
+    def bn(prefix):
+        entries = {f"{prefix}.weight": np.ones(4), f"{prefix}.bias": np.zeros(4)}
+        if not affine_only:
+            entries.update({f"{prefix}.running_mean": np.zeros(4),
+                            f"{prefix}.running_var": np.ones(4),
+                            f"{prefix}.num_batches_tracked": np.array(3)})
+        return entries
+    return {"conv1.weight": np.ones((4, 3, 3, 3)), **bn("bn1"),
+            "layer1.0.conv1.weight": np.ones((4, 4, 3, 3)), **bn("layer1.0.bn1"),
+            "fc.weight": np.ones((10, 4)), "fc.bias": np.zeros(10)}
+
+
+@pytest.mark.parametrize("affine_only", [False, True], ids=["tracking", "affine-only"])
+def test_from_state_dict_of_a_model_lists_the_prefixes(affine_only):
+    state = _model_state_dict(affine_only)
+    before = {key: value.copy() for key, value in state.items()}
+    with pytest.raises(ValueError) as info:
+        cbn.BatchNorm2d.from_state_dict(state)
+    message = str(info.value)
+    assert "no batch-norm entries" in message
+    assert "prefixes ['bn1', 'layer1.0.bn1']" in message
+    assert "prefix='bn1'" in message
+    assert "conv1" not in message.split("prefixes")[1]
+    for key, value in before.items():
+        np.testing.assert_array_equal(state[key], value)
+    # the suggested prefix works
+    layer = cbn.BatchNorm2d.from_state_dict(state, prefix="layer1.0.bn1")
+    assert layer.num_features == 4
+
+
+def test_from_state_dict_of_a_model_lists_the_tracking_prefixes_only():
+    """With running statistics present, affine 1-D entries of other modules
+    (a linear layer's bias) are not mistaken for batch norms."""
+    with pytest.raises(ValueError, match=r"prefixes \['bn1', 'layer1\.0\.bn1'\]: pass one "
+                                         r"as prefix=, e\.g\. prefix='bn1'$"):
+        cbn.BatchNorm.from_state_dict(_model_state_dict())
+
+
+def test_from_state_dict_with_a_wrong_prefix_lists_the_prefixes():
+    with pytest.raises(ValueError, match=r"under prefix 'layer2\.'.*\['bn1', 'layer1\.0\.bn1'\]"):
+        cbn.BatchNorm.from_state_dict(_model_state_dict(), prefix="layer2")
+
+
+def test_from_state_dict_without_batch_norms_lists_nothing():
+    with pytest.raises(ValueError, match=r"expected keys among \[[^]]*\]$"):
+        cbn.BatchNorm.from_state_dict({"fc.weight": np.ones((2, 3))})
+
+
+def test_single_value_in_eval_with_batch_statistics_does_not_say_training(rng):
+    """A layer without running statistics normalizes with the batch's in eval
+    mode too; one value per channel has no variance there either, and the
+    message says so without claiming the layer is training."""
+    layer, x, dy, dx = prepared_layer(rng, track_running_stats=False, training=False)
+    before = layer_state(layer)
+    with pytest.raises(ValueError) as info:
+        layer(np.ones((1, 3, 1), np.float32))
+    message = str(info.value)
+    assert message.startswith("Expected more than 1 value per channel to compute batch "
+                              "statistics")
+    assert "training" not in message and "(1, 3, 1)" in message
+    assert layer_state(layer) == before
+    np.testing.assert_array_equal(layer.backward(dy), dx)
+    # in training mode, the message is PyTorch's
+    layer.train()
+    with pytest.raises(ValueError, match=r"^Expected more than 1 value per channel when "
+                                         r"training, got input size \(1, 3, 1\)$"):
+        layer(np.ones((1, 3, 1), np.float32))

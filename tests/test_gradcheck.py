@@ -1,4 +1,4 @@
-"""Gradients against float64 central finite differences (issue 2).
+"""Gradients against float64 central finite differences.
 
 For a fixed random g, the scalar loss L = sum(y * g) is differentiated
 numerically with respect to every element of x, weight and bias, and compared

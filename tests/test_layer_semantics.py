@@ -1,4 +1,4 @@
-"""The BatchNorm layer's semantics (issue 2), one test per rule.
+"""The BatchNorm layer's semantics, one test per rule.
 
 PyTorch's rules (biased variance to normalize, unbiased running_var, the
 momentum update, cumulative averages, track_running_stats, eval purity, the
@@ -211,6 +211,10 @@ SINGLE_VALUE_SHAPES = [
     pytest.param((1, 3, 1, 1, 1), 1, id="NCDHW"),
 ]
 SINGLE_VALUE_MESSAGE = r"^Expected more than 1 value per channel when training, got input size"
+# In eval mode (no running statistics) the layer is not training: the message
+# says what the values are for instead.
+SINGLE_VALUE_EVAL_MESSAGE = (r"^Expected more than 1 value per channel to compute batch "
+                             r"statistics \(.*eval mode.*\), got input size")
 
 
 @pytest.mark.parametrize("shape, axis", SINGLE_VALUE_SHAPES)
@@ -222,7 +226,7 @@ def test_single_value_per_channel_in_training_raises(rng, shape, axis):
     assert layer_state(layer) == before
     # A layer without running stats uses batch stats in eval, so it raises too.
     untracked = make_layer(3, axis, np.float32, track_running_stats=False).eval()
-    with pytest.raises(ValueError, match=SINGLE_VALUE_MESSAGE):
+    with pytest.raises(ValueError, match=SINGLE_VALUE_EVAL_MESSAGE):
         untracked(np.ones(shape, np.float32))
 
 

@@ -1,4 +1,4 @@
-"""Leaks (issue 5, item 4): 100,000 small calls of every public path, and
+"""Leaks: 100,000 small calls of every public path, and
 memory does not grow.
 
 Each path (a train forward + backward, eval calls, frozen calls, each public

@@ -1,4 +1,4 @@
-"""PyTorch parity fixed in issue 12: bias=False, the bfloat16 rule, to_torch,
+"""PyTorch parity: bias=False, the bfloat16 rule, to_torch,
 and what the mutation run found untested (variance overflow with nonfinite,
 state dict dtype inference, old pickles). The empty-batch count is in
 test_layer_semantics.py, the shadowing source folder in test_install.py."""
@@ -257,7 +257,7 @@ def test_a_layer_pickled_before_nonfinite_and_bias_existed_loads(rng):
 
 
 def test_a_layer_pickled_with_plain_num_features_and_axis_loads(rng):
-    """Before issue 12 the channel count and axis were plain attributes."""
+    """Older pickles hold the channel count and axis as plain attributes."""
     layer = cbn.BatchNorm(3, axis=-1)
     state = layer.__getstate__()
     state["num_features"], state["axis"] = state.pop("_num_features"), state.pop("_axis")

@@ -1,4 +1,4 @@
-"""Property-based tests against the float64 NumPy reference (issue 5, item 1).
+"""Property-based tests against the float64 NumPy reference.
 
 Hypothesis draws the data: rank 2 to 5, any channel axis in [-rank, rank),
 float16 / float32 / float64 in either byte order, 1 to 6 channels (up to 40

@@ -403,8 +403,8 @@ REPR_ARGS = [
 def test_repr_matches_torch(kind, args, kwargs):
     ours = repr(CBN_LAYERS[kind](*args, **kwargs))
     theirs = repr(TORCH_LAYERS[kind](*args, **kwargs))
-    # PyTorch >= 2.x prints its own ``bias=`` flag (an argument cbn does not
-    # have; the issue spells the repr without it). Everything else must match.
+    # PyTorch >= 2.x prints its own ``bias=`` flag, which cbn's repr leaves
+    # out unless bias=False. Everything else must match.
     theirs = theirs.replace(", bias=True", "").replace(", bias=False", "")
     assert ours == theirs
 
