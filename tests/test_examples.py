@@ -1,5 +1,7 @@
 """The worked examples run as written, without an OpenMP runtime."""
+import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -72,3 +74,72 @@ def test_sync_training_example_on_two_ranks_matches_one_process(tmp_path):
     assert process.returncode == 0, stdout + stderr
     assert "on 2 ranks: global batch 9 (rows per rank: 4, 5)" in stdout, stdout
     assert "matches the single-process run" in stdout, stdout
+
+
+# ---------------------------------------------------------------------------
+# examples/train_digits.py: a learning-rate sweep with and without batch norm
+
+DIGITS_RATES = ("0.01", "0.1", "0.5", "1.0")
+VERDICT = re.compile(r"^lr (\S+): (batch norm better|batch norm WORSE|no clear difference) "
+                     r"\(final loss (\S+) with batch norm, (\S+) without\)$")
+
+
+def run_train_digits(tmp_path, *args, env=None):
+    result = subprocess.run([sys.executable, str(EXAMPLES / "train_digits.py"), *args],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    table = {}   # (lr, network) -> (steps to loss < 0.5, final loss, accuracy): means
+    verdicts = {}
+    for line in result.stdout.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if cells[0] in DIGITS_RATES and len(cells) == 5:
+            steps, final, accuracy = (cell.split(" +- ")[0] for cell in cells[2:])
+            table[cells[0], cells[1]] = (steps, float(final), float(accuracy))
+        elif match := VERDICT.match(line):
+            verdicts[match[1]] = (match[2], float(match[3]), float(match[4]))
+    return result.stdout, table, verdicts
+
+
+@pytest.mark.parametrize("data", ["default", "synthetic", "without scikit-learn"])
+def test_train_digits_batch_norm_trains_where_the_plain_network_diverges(
+        tmp_path, tmp_path_factory, data):
+    env = None
+    if data == "without scikit-learn":   # a package that shadows it and fails to import
+        shadow = tmp_path_factory.mktemp("shadow")
+        (shadow / "sklearn").mkdir()
+        (shadow / "sklearn" / "__init__.py").write_text("raise ImportError('shadowed')\n")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(shadow), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    stdout, table, verdicts = run_train_digits(
+        tmp_path, "--quick", *(["--synthetic"] if data == "synthetic" else []), env=env)
+    has_sklearn = importlib.util.find_spec("sklearn") is not None
+    expected = {"synthetic": "synthetic digits (--synthetic)",
+                "without scikit-learn": "synthetic digits (scikit-learn is not installed)",
+                "default": "scikit-learn's digits" if has_sklearn else
+                           "synthetic digits (scikit-learn is not installed)"}[data]
+    data_line = stdout.splitlines()[0]
+    assert data_line.startswith(f"Data: {expected}") and "raw pixels 0-16" in data_line, stdout
+    assert set(table) == {(lr, net) for lr in DIGITS_RATES for net in ("plain", "batch norm")}
+    for lr in ("0.5", "1.0"):
+        _, plain_loss, plain_accuracy = table[lr, "plain"]
+        steps, bn_loss, bn_accuracy = table[lr, "batch norm"]
+        # the plain network diverges to dead ReLUs (ln 10 = 2.30, chance accuracy) ...
+        assert plain_loss > 2 and plain_accuracy < 0.3, (lr, stdout)
+        # ... while the one with batch norm learns, fast
+        assert bn_loss < 0.2 and bn_accuracy > 0.9 and int(steps) < 50, (lr, stdout)
+    # every rate has its verdict, the same as the table's numbers, the bad one included
+    assert set(verdicts) == set(DIGITS_RATES)
+    for lr, (word, bn_loss, plain_loss) in verdicts.items():
+        assert (bn_loss, plain_loss) == (table[lr, "batch norm"][1], table[lr, "plain"][1])
+        assert word == ("batch norm better" if bn_loss < plain_loss else "batch norm WORSE")
+    assert verdicts["0.01"][0] == "batch norm WORSE", stdout
+    assert not list(tmp_path.iterdir()), "--quick drew a PNG it was not asked for"
+
+
+def test_train_digits_draws_its_loss_curves(tmp_path):
+    pytest.importorskip("matplotlib")
+    stdout, table, _ = run_train_digits(tmp_path, "--quick", "--synthetic", "--steps", "30",
+                                        "--plot", "curves.png")
+    assert len(table) == 8 and "Loss curves: curves.png" in stdout
+    image = (tmp_path / "curves.png").read_bytes()
+    assert image.startswith(b"\x89PNG\r\n\x1a\n") and len(image) < 150_000
