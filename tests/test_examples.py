@@ -143,3 +143,62 @@ def test_train_digits_draws_its_loss_curves(tmp_path):
     assert len(table) == 8 and "Loss curves: curves.png" in stdout
     image = (tmp_path / "curves.png").read_bytes()
     assert image.startswith(b"\x89PNG\r\n\x1a\n") and len(image) < 150_000
+
+
+# ---------------------------------------------------------------------------
+# examples/padded_sequences.py: batch norm over zero-padded sequences, mask=
+
+def test_padded_sequences_mask_recovers_the_statistics_the_padding_drags_off(tmp_path):
+    result = subprocess.run([sys.executable, str(EXAMPLES / "padded_sequences.py"), "--quick"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    stdout = result.stdout
+    drift = []   # (padding %, mean off by (std), vs mixture, mask=: largest difference)
+    for line in stdout.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if cells[0] in ("100", "150", "200", "400", "800") and len(cells) == 6:
+            drift.append((float(cells[1].rstrip("%")), float(cells[2].split()[0]),
+                          float(cells[4]), float(cells[5])))
+    assert len(drift) == 5, stdout
+    padding, shift, mixture_error, masked_error = zip(*drift)
+    assert list(padding) == sorted(padding) and padding[0] > 0
+    # mask=: NumPy's statistics over the real positions, to rounding
+    assert max(masked_error) < 1e-12, stdout
+    # without it: the moments of the data mixed with zeros, further off as padding grows
+    assert max(mixture_error) < 1e-12, stdout
+    assert list(shift) == sorted(shift) and shift[0] > 0.1 and shift[-1] > 1, stdout
+    # eval mode with running statistics learned with and without the mask
+    eval_lines = {line.split()[0]: re.findall(r"[+-]?\d+\.\d+", line)
+                  for line in stdout.splitlines() if "per-channel mean" in line}
+    without, masked = ([float(v) for v in eval_lines[key]] for key in ("without", "mask="))
+    assert max(abs(without[0]), abs(without[1])) > 0.5 and (without[2] < 0.8 or without[3] > 1.2)
+    assert max(abs(masked[0]), abs(masked[1])) < 0.1 and 0.9 < masked[2] <= masked[3] < 1.1
+    # the masked forward and backward are those of the real positions alone
+    differences = dict(re.findall(r"largest difference, ([^:]+): (\S+)", stdout))
+    assert set(differences) == {"output", "input gradient", "input gradient in the padding",
+                                "weight gradient", "bias gradient", "running statistics"}
+    assert all(float(value) < 1e-12 for value in differences.values()), differences
+    assert not list(tmp_path.iterdir()), "drew a PNG it was not asked for"
+
+
+def test_padded_sequences_batches_checked_against_numpy():
+    # the example's own batches, its statistics recomputed here with NumPy
+    import numpy as np
+
+    import cbn
+    spec = importlib.util.spec_from_file_location("padded_sequences",
+                                                  EXAMPLES / "padded_sequences.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    rng = np.random.default_rng(7)
+    x, mask = example.padded_batch(rng, example.channel_moments(rng), 400)
+    assert x.shape[0] == mask.shape[0] and x.shape[2] == mask.shape[1] == 400
+    lengths = mask.sum(axis=1)
+    assert lengths.max() == 100 and lengths.min() >= 50 and not mask[:, 100:].any()
+    assert (x.transpose(0, 2, 1)[~mask] == 0).all()   # zero-padded
+    real = np.concatenate([x[n][:, mask[n]] for n in range(len(x))], axis=1)   # (C, M)
+    mean, var = cbn.batch_stats(x, mask=mask)
+    np.testing.assert_allclose(mean, real.mean(axis=1), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(var, real.var(axis=1), rtol=1e-12)
+    unmasked_mean, _ = cbn.batch_stats(x)
+    assert np.max(np.abs(unmasked_mean - real.mean(axis=1)) / real.std(axis=1)) > 1
