@@ -248,6 +248,7 @@ def plot(results, learning_rates, path, source):
 
     figure, axes = plt.subplots(1, len(learning_rates), figsize=(3 * len(learning_rates), 2.8),
                                 sharey=True, squeeze=False)
+    lowest = np.inf
     for ax, lr in zip(axes[0], learning_rates):
         for name, color in zip(NETWORKS, ("tab:red", "tab:blue")):
             losses = results[lr, name]["losses"]
@@ -257,12 +258,14 @@ def plot(results, learning_rates, path, source):
             ax.plot(steps, smoothed.mean(axis=0), color=color, label=name, lw=1.2)
             ax.fill_between(steps, smoothed.min(axis=0), smoothed.max(axis=0), color=color,
                             alpha=0.2, lw=0)
+            lowest = min(lowest, np.nanmin(smoothed))
         ax.axhline(THRESHOLD, color="gray", lw=0.6, ls=":")
         ax.set_title(f"lr {lr}", fontsize=9)
         ax.set_yscale("log")
-        ax.set_ylim(top=10)   # a diverging start would squash the rest
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
+    # shared y axis; a diverging start (losses of 1000) would squash the rest
+    axes[0][0].set_ylim(0.8 * lowest, 10)
     axes[0][0].set_ylabel("training loss", fontsize=8)
     axes[0][0].legend(fontsize=7, loc="lower left")
     figure.suptitle(f"{source}: mean over seeds, band min to max "
