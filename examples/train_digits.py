@@ -29,13 +29,14 @@ loss, including where batch norm does worse ("no clear difference" when the
 means are closer than the seeds' standard deviations added). With matplotlib
 installed, the loss curves are drawn to a PNG (--plot).
 
-What to expect: on raw pixels the plain network's first layer sees inputs of
-size ~10, so its effective step is large; at the larger rates it blows up
-and ends with dead ReLUs (loss ln 10 = 2.30, chance accuracy), while the
-batch-normalized one, whose output does not depend on the scale of W1,
-trains fast. At the smallest rate the plain network is ahead: batch norm's
-unit-variance outputs take small steps there. With --standardize most of
-the plain network's trouble goes away and batch norm's advantage with it.
+What to expect: on raw pixels (mean 4.9, input rows of norm about 60 on the
+digits) the plain network's first-layer gradients, and so its steps, are
+large. At the larger rates it blows up and ends with dead ReLUs (loss
+ln 10 = 2.30, chance accuracy), while the batch-normalized one, whose output
+does not change with the scale of W1, trains fast. At the smallest rate the
+plain network is ahead: the input scale that breaks its large steps makes
+its small ones effective. With --standardize the plain network's trouble at
+the large rates goes away and batch norm's advantage with it.
 """
 import argparse
 import sys
