@@ -167,15 +167,15 @@ def plot(rows, path):
               label="without mask")
     masked = [row["masked_error"] for row in rows]
     left.plot(padding, masked, "o-", color="tab:blue",
-              label=f"mask= (at most {max(masked):.0e})")
+              label=f"mask= (mean and variance: at most {max(masked):.0e})")
     left.set_yscale("symlog", linthresh=1e-3)
-    left.set_ylabel("largest mean error\n(data standard deviations)", fontsize=8)
+    left.set_ylabel("largest error of the mean\n(data standard deviations)", fontsize=8)
     left.legend(fontsize=7)
     low = [row["std_ratio"].min() for row in rows]
     high = [row["std_ratio"].max() for row in rows]
     right.fill_between(padding, low, high, color="tab:red", alpha=0.3,
                        label="without mask (range over channels)")
-    right.axhline(1, color="tab:blue", label="mask= (exact)")
+    right.axhline(1, color="tab:blue", label="mask= (1 to rounding)")
     right.set_ylabel("batch std / data std", fontsize=8)
     right.legend(fontsize=7)
     for ax in (left, right):
