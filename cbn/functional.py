@@ -24,8 +24,8 @@ _PROPAGATE = kernels.NONFINITE_MODES["propagate"]
 
 
 def batch_stats(x: ArrayLike, *, axis: int = 1,
-                out: tuple[NDArray[Any], NDArray[Any]] | None = None
-                ) -> tuple[NDArray[Any], NDArray[Any]]:
+                out: tuple[NDArray[Any], NDArray[Any]] | None = None,
+                mask: ArrayLike | None = None) -> tuple[NDArray[Any], NDArray[Any]]:
     """Per-channel mean and biased variance of ``x`` over every axis but ``axis``.
 
     Accumulated in float64 with a two-pass-per-block scheme, accurate even when
@@ -33,14 +33,15 @@ def batch_stats(x: ArrayLike, *, axis: int = 1,
     channels with no values (an empty batch). ``out``: a pair of (C,) arrays
     of that dtype to write and return instead.
     """
-    return kernels.stats(x, axis, out)
+    return kernels.stats(x, axis, out, mask)
 
 
 def batch_norm(x: ArrayLike, running_mean: ArrayLike | None, running_var: ArrayLike | None,
                weight: ArrayLike | None = None, bias: ArrayLike | None = None,
                training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
                axis: int = 1, out: NDArray[Any] | None = None,
-               activation: Literal["relu"] | None = None) -> NDArray[Any]:
+               activation: Literal["relu"] | None = None,
+               mask: ArrayLike | None = None) -> NDArray[Any]:
     """Batch normalization with the meaning of ``torch.nn.functional.batch_norm``.
 
     training=False: normalize with ``running_mean`` / ``running_var`` (required).
@@ -60,14 +61,16 @@ def batch_norm(x: ArrayLike, running_mean: ArrayLike | None, running_var: ArrayL
     if training:
         return kernels.train_forward(x, axis, _ANY_INPUT, weight, bias, eps, running_mean,
                                      running_var, momentum, None, relu, _PROPAGATE,
-                                     out).output
+                                     out, False, 1, mask).output
+    if mask is not None:  # not used, but held to the same rules
+        kernels.check_mask(x, axis, mask)
     return kernels.eval_forward(x, axis, weight, bias, running_mean, running_var, eps,
                                 momentum, relu, out)
 
 
 def batch_norm_forward(x: ArrayLike, weight: ArrayLike | None = None,
                        bias: ArrayLike | None = None, eps: float = 1e-5, *, axis: int = 1,
-                       out: NDArray[Any] | None = None
+                       out: NDArray[Any] | None = None, mask: ArrayLike | None = None
                        ) -> tuple[NDArray[Any], NDArray[np.float64], NDArray[np.float64]]:
     """Training-mode forward that returns what the backward pass needs.
 
@@ -76,13 +79,13 @@ def batch_norm_forward(x: ArrayLike, weight: ArrayLike | None = None,
     to :func:`batch_norm_backward` with the same ``x``. No running statistics
     are involved; keep them with :func:`batch_norm` or a :class:`BatchNorm` layer.
     """
-    return kernels.forward_stats(x, axis, weight, bias, eps, out)
+    return kernels.forward_stats(x, axis, weight, bias, eps, out, mask)
 
 
 def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
                         save_invstd: ArrayLike, weight: ArrayLike | None = None, *,
                         axis: int = 1, training: bool = True,
-                        out: NDArray[Any] | None = None
+                        out: NDArray[Any] | None = None, mask: ArrayLike | None = None
                         ) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
     """Gradients of batch normalization.
 
@@ -95,4 +98,4 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
     ``grad_weight`` and ``grad_bias`` are computed whether or not ``weight`` is
     given (the gradients of an implicit weight 1 and bias 0).
     """
-    return kernels.backward(dy, x, axis, save_mean, save_invstd, weight, training, out)
+    return kernels.backward(dy, x, axis, save_mean, save_invstd, weight, training, out, mask)

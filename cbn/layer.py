@@ -235,7 +235,8 @@ class BatchNorm(ChannelLayer):
 
     # -- forward and backward
 
-    def forward(self, x: ArrayLike, out: NDArray[Any] | None = None) -> NDArray[Any]:
+    def forward(self, x: ArrayLike, out: NDArray[Any] | None = None, *,
+                mask: ArrayLike | None = None) -> NDArray[Any]:
         """Normalize ``x``; returns an array of ``x``'s shape and dtype.
 
         ``out``: a C-contiguous array of that shape and dtype to write instead
@@ -243,14 +244,16 @@ class BatchNorm(ChannelLayer):
         training mode it may not, since backward needs the input.
         """
         if self.training or self._running_mean is None:
-            record = self._forward_batch_stats(x, out)
+            record = self._forward_batch_stats(x, out, mask)
         else:
+            if mask is not None:  # not used, but held to the same rules
+                kernels.check_mask(x, self.axis, mask)
             record = kernels.normalize(x, self.axis, self._accepts, self._current_params(),
                                        self._relu, out)
         self._last = record
         return record.output
 
-    def _forward_batch_stats(self, x, out):
+    def _forward_batch_stats(self, x, out, mask=None):
         """forward with the batch's statistics: training mode, or eval mode
         without running statistics. An update of the running statistics
         counts the batch, empty ones included (as PyTorch 2.13)."""
@@ -258,7 +261,7 @@ class BatchNorm(ChannelLayer):
                   and self._running_mean is not None)
         with self._lock:  # the running statistics change whole or not at all
             record = kernels.train_forward(x, *self._batch_stats_arguments(update), out,
-                                           not self.training, self._running_var_ddof)
+                                           not self.training, self._running_var_ddof, mask)
             if update:
                 self.num_batches_tracked += 1
         return record
@@ -273,8 +276,9 @@ class BatchNorm(ChannelLayer):
                 self.num_batches_tracked if update else None, self._relu,
                 kernels.NONFINITE_MODES[self._nonfinite])
 
-    def __call__(self, x: ArrayLike, out: NDArray[Any] | None = None) -> NDArray[Any]:
-        return self.forward(x, out)
+    def __call__(self, x: ArrayLike, out: NDArray[Any] | None = None, *,
+                 mask: ArrayLike | None = None) -> NDArray[Any]:
+        return self.forward(x, out, mask=mask)
 
     def backward(self, dy: ArrayLike, out: NDArray[Any] | None = None) -> NDArray[Any]:
         """Gradient of the last forward's output -> gradient of its input

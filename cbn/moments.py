@@ -90,21 +90,24 @@ class Moments:
     # -- from data
 
     @classmethod
-    def of(cls, x: ArrayLike, *, axis: int = 1) -> Self:
+    def of(cls, x: ArrayLike, *, axis: int = 1, mask: ArrayLike | None = None) -> Self:
         """The moments of one batch ``x`` over every axis but ``axis``,
         computed by cbn's kernels in float64 from data of any float dtype
-        and layout (``x`` may be empty: count 0)."""
-        count, mean, m2, _ = kernels.moments(x, axis)
+        and layout (``x`` may be empty: count 0). ``mask``: a boolean array
+        broadcasting to ``x``'s shape without ``axis``; only the positions
+        it marks True count."""
+        count, mean, m2, _ = kernels.moments(x, axis, mask=mask)
         if mean.shape[0] == 0:
             raise ValueError(f"x has shape {np.shape(x)}: axis {axis} has no channels")
         return cls._of_parts(count, mean, m2)
 
-    def update(self, x: ArrayLike, *, axis: int = 1) -> Self:
+    def update(self, x: ArrayLike, *, axis: int = 1,
+               mask: ArrayLike | None = None) -> Self:
         """Merge the batch ``x`` into these moments in place; returns self.
         On error (a channel count other than ``num_features``, a non-array,
         a wrong axis) the object is unchanged."""
         accepts = kernels.Accepts(2, 64, None, self._num_features, type(self).__name__)
-        count, mean, m2, _ = kernels.moments(x, axis, accepts)
+        count, mean, m2, _ = kernels.moments(x, axis, accepts, mask=mask)
         self._count, self._mean, self._m2 = merge_parts(
             (self._count, self._mean, self._m2), (count, mean, m2))
         self._freeze()

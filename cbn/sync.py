@@ -124,11 +124,12 @@ class SyncBatchNorm(BatchNorm):
 
     # -- forward and backward
 
-    def forward(self, x: ArrayLike, out: NDArray[Any] | None = None) -> NDArray[Any]:
+    def forward(self, x: ArrayLike, out: NDArray[Any] | None = None, *,
+                mask: ArrayLike | None = None) -> NDArray[Any]:
         """As :meth:`BatchNorm.forward`; in training mode every rank must
         call it, and the statistics are the global batch's."""
         if not self.training:
-            y = super().forward(x, out)
+            y = super().forward(x, out, mask=mask)
             self._global_count = None   # its backward is local (after success only)
             return y
         comm = self.comm
@@ -140,7 +141,7 @@ class SyncBatchNorm(BatchNorm):
             step = error = None
             try:
                 step = kernels.train_begin(x, *self._batch_stats_arguments(update), out,
-                                           row, self._running_var_ddof)
+                                           row, self._running_var_ddof, mask)
                 if self._nonfinite == "raise":
                     error = distributed.check_finite(row[2:C + 2], row[C + 2:])
             except Exception as caught:  # every rank must reach the collective
