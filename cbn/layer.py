@@ -104,11 +104,6 @@ class BatchNorm(ChannelLayer):
     activation : None or "relu", keyword-only
         "relu" applies max(y, 0) in the same pass over memory; backward then
         zeroes the gradient where the output was clipped (y <= 0).
-    running_var_ddof : 0 or 1, keyword-only
-        The variance the running average keeps: 1 (default) the unbiased
-        batch variance, as PyTorch; 0 the biased one (the convention Keras,
-        Flax and ONNX document). Normalization always uses the biased batch
-        variance.
     nonfinite : "propagate", "raise" or "skip", keyword-only
         What a forward with batch statistics does when a channel's statistics
         are not finite (NaN or inf in the input): "propagate" them into the
@@ -116,6 +111,11 @@ class BatchNorm(ChannelLayer):
         naming the channels before any of the layer's state changes; or
         "skip" those channels' running-statistics update (the output is
         computed, NaN where the input was).
+    running_var_ddof : 0 or 1, keyword-only
+        The variance the running average keeps: 1 (default) the unbiased
+        batch variance, as PyTorch; 0 the biased one (the convention Keras,
+        Flax and ONNX document). Normalization always uses the biased batch
+        variance.
 
     Attributes
     ----------
@@ -705,10 +705,12 @@ class BatchNorm(ChannelLayer):
         prefix : str, keyword-only
             Selects one batch norm in a whole model's state dict, e.g.
             "layer1.0.bn1" (a trailing "." is optional).
-        eps, momentum, axis, activation : keyword-only
+        eps, momentum, axis : keyword-only
             As in :class:`BatchNorm` (a state dict does not hold them).
         dtype : float32, float64 or None, keyword-only
             None: float64 when all the per-channel arrays are, else float32.
+        activation : None or "relu", keyword-only
+            As in :class:`BatchNorm`.
 
         Returns
         -------
@@ -744,10 +746,12 @@ class BatchNorm(ChannelLayer):
             Or any object with their attributes: num_features, eps,
             momentum, affine, track_running_stats, training and
             state_dict(); cbn never imports torch here.
-        axis, activation : keyword-only
-            As in :class:`BatchNorm`.
+        axis : int, keyword-only
+            The channel axis of the inputs the layer will take.
         dtype : float32, float64 or None, keyword-only
             None: float64 for a double-precision module, else float32.
+        activation : None or "relu", keyword-only
+            As in :class:`BatchNorm`.
 
         Returns
         -------
