@@ -14,6 +14,7 @@ import pkgutil
 import pydoc
 import re
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,20 +104,28 @@ def is_cbn(klass):
     return klass is not None and klass.__module__.split(".")[0] == "cbn"
 
 
+# Where docs/api.md names each item: label -> the public name it is
+# documented under (cbn.BatchNorm.forward for cbn.layer.BatchNorm.forward).
+PUBLIC_NAMES = {}
+
+
 def collect():
     """(label, kind, object, owner class or None), each defining object once."""
     seen, items = set(), []
     classes = []
     for module in public_modules():
         for obj in public_objects(module):
-            if inspect.isclass(obj):
-                classes.append(obj)
             key = ("object", id(obj))
             if key not in seen:
                 seen.add(key)
+                if inspect.isclass(obj):
+                    classes.append(obj)
                 kind = "class" if inspect.isclass(obj) else "function"
-                items.append((f"{obj.__module__}.{obj.__qualname__}", kind, obj, None))
+                label = f"{obj.__module__}.{obj.__qualname__}"
+                PUBLIC_NAMES[label] = f"{module.__name__}.{obj.__name__}"
+                items.append((label, kind, obj, None))
     for cls in classes:
+        public = PUBLIC_NAMES[f"{cls.__module__}.{cls.__qualname__}"]
         for name in dir(cls):
             if name.startswith("_") and name != "__call__":
                 continue
@@ -126,6 +135,7 @@ def collect():
             seen.add(("member", owner, name))
             raw = vars(owner)[name]
             label = f"{owner.__module__}.{owner.__qualname__}.{name}"
+            PUBLIC_NAMES[label] = f"{public}.{name}"
             if isinstance(raw, (classmethod, staticmethod)):
                 items.append((label, "method", raw.__func__, owner))
             elif isinstance(raw, property):
@@ -306,3 +316,15 @@ def test_help_shows_the_layer_attributes_and_modes():
                  "running_mean", "running_var", "weight", "bias", "train(self",
                  "eval(self", "forward(self", "backward(self", "mask"):
         assert word in text, f"help(cbn.BatchNorm) does not show {word!r}"
+
+
+API_MD = Path(__file__).resolve().parent.parent / "docs" / "api.md"
+
+
+def test_api_reference_lists_every_public_item():
+    headings = {re.sub(r" \(property\)$", "", line.lstrip("#").strip())
+                for line in API_MD.read_text().splitlines() if line.startswith("#")}
+    missing = sorted(name for label, kind, *_ in ITEMS if kind != "descriptor"
+                     for name in [PUBLIC_NAMES[label]] if name not in headings)
+    assert not missing, (f"docs/api.md lacks {missing}: run "
+                         "`PYTHONPATH=. python docs/make_api.py` against a built cbn")
