@@ -76,7 +76,8 @@ class BatchNorm(ChannelLayer):
     y = (x - mean) / sqrt(var + eps) * weight + bias, per channel, where in
     training mean and var are the batch's (biased) statistics and running
     averages of them are kept; in eval mode the running averages are used.
-    Semantics follow ``torch.nn.BatchNorm*d``; see the README.
+    Semantics follow ``torch.nn.BatchNorm*d``; every rule is in the
+    repository's docs/semantics.md.
 
     Parameters
     ----------
