@@ -8,13 +8,16 @@
 
 cdef int forward_kernel(Block b, const void* x, void* y, const double* weight,
                         const double* bias, double eps, bint batch_stats, double* mean,
-                        double* var, double* invstd, bint relu) noexcept nogil:
+                        double* var, double* invstd, bint relu,
+                        const unsigned char* valid, double count) noexcept nogil:
     cdef int threads = threads_for(b.outer * b.C * b.inner)
     if b.typenum == cnp.NPY_FLOAT:
         return K.forward_f32(<const float*>x, b.outer, b.C, b.inner, weight, bias, eps,
-                             batch_stats, mean, var, invstd, <float*>y, relu, threads)
+                             batch_stats, mean, var, invstd, <float*>y, relu, valid, count,
+                             threads)
     return K.forward_f64(<const double*>x, b.outer, b.C, b.inner, weight, bias, eps,
-                         batch_stats, mean, var, invstd, <double*>y, relu, threads)
+                         batch_stats, mean, var, invstd, <double*>y, relu, valid, count,
+                         threads)
 
 
 cdef int normalize_kernel(Block b, const void* x, void* y, const double* mean,
@@ -32,15 +35,16 @@ cdef int normalize_kernel(Block b, const void* x, void* y, const double* mean,
 
 cdef int backward_kernel(Block b, const void* dy, const void* x, void* dx,
                          const double* mean, const double* invstd, const double* weight,
-                         bint training, double* sum_dy, double* dotp) noexcept nogil:
+                         bint training, const unsigned char* valid, double count,
+                         double* sum_dy, double* dotp) noexcept nogil:
     cdef int threads = threads_for(b.outer * b.C * b.inner)
     if b.typenum == cnp.NPY_FLOAT:
         return K.backward_f32(<const float*>dy, <const float*>x, b.outer, b.C, b.inner,
-                              mean, invstd, weight, training, sum_dy, dotp, <float*>dx,
-                              threads)
+                              mean, invstd, weight, training, valid, count, sum_dy, dotp,
+                              <float*>dx, threads)
     return K.backward_f64(<const double*>dy, <const double*>x, b.outer, b.C, b.inner,
-                          mean, invstd, weight, training, sum_dy, dotp, <double*>dx,
-                          threads)
+                          mean, invstd, weight, training, valid, count, sum_dy, dotp,
+                          <double*>dx, threads)
 
 
 cdef int grad_sums_kernel(Block b, const void* dy, const void* x, const double* mean,
@@ -56,14 +60,15 @@ cdef int grad_sums_kernel(Block b, const void* dy, const void* x, const double* 
 cdef int grad_input_kernel(Block b, const void* dy, const void* x, void* dx,
                            const double* mean, const double* invstd, const double* weight,
                            const double* sum_dy, const double* dotp,
-                           double count) noexcept nogil:
+                           const unsigned char* valid, double count) noexcept nogil:
     cdef int threads = threads_for(b.outer * b.C * b.inner)
     if b.typenum == cnp.NPY_FLOAT:
         return K.grad_input_f32(<const float*>dy, <const float*>x, b.outer, b.C, b.inner,
-                                mean, invstd, weight, sum_dy, dotp, count, <float*>dx,
-                                threads)
+                                mean, invstd, weight, sum_dy, dotp, valid, count,
+                                <float*>dx, threads)
     return K.grad_input_f64(<const double*>dy, <const double*>x, b.outer, b.C, b.inner,
-                            mean, invstd, weight, sum_dy, dotp, count, <double*>dx, threads)
+                            mean, invstd, weight, sum_dy, dotp, valid, count, <double*>dx,
+                            threads)
 
 
 cdef void relu_grad_kernel(Block b, const void* dy, const void* y,
@@ -77,6 +82,12 @@ cdef void relu_grad_kernel(Block b, const void* dy, const void* y,
 
 cdef inline void* data_of(object a) noexcept:
     return cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef inline const unsigned char* valid_data(object valid) noexcept:
+    """A mask's bytes (valid_positions), or NULL for no mask."""
+    return NULL if valid is None else <const unsigned char*>cnp.PyArray_DATA(
+        <cnp.ndarray>valid)
 
 
 cdef inline double* row(object block, Py_ssize_t k, Py_ssize_t C) noexcept:
@@ -129,6 +140,10 @@ cdef class Record(View):
     cdef const double* mean_p
     cdef const double* invstd_p
     cdef const double* weight_p
+    # The forward's mask (valid_positions) and its valid positions per
+    # channel, when its statistics came from part of the batch; else None
+    cdef object valid
+    cdef Py_ssize_t valid_count
 
     cdef Py_ssize_t num_channels
 
@@ -157,42 +172,49 @@ cdef Record finish_record(Record r, object out, bint relu):
 
 # -- statistics
 
-cdef int stats_into(View v, double* mean, double* var) except -1:
+cdef int stats_into(View v, double* mean, double* var, object valid=None,
+                    Py_ssize_t count=0) except -1:
     """``v``'s per-channel mean and biased variance, into (C,) ``mean`` and
-    ``var`` (NaN for channels with no values)."""
+    ``var`` (NaN for channels with no values), over the ``count`` positions
+    a mask marks when ``valid`` (valid_positions) is given."""
     cdef Py_ssize_t c, C = v.b.C
     cdef int status = 0
     cdef const void* xp = data_of(kernel_data(v))
+    cdef const unsigned char* vp = valid_data(valid)
     cdef int threads = threads_for(v.size())
-    if v.b.outer * v.b.inner == 0:
+    if valid is None:
+        count = v.b.outer * v.b.inner
+    if count == 0:
         for c in range(C):
             mean[c] = var[c] = NAN
     elif C:
         with nogil:
             if v.b.typenum == cnp.NPY_FLOAT:
-                status = K.batch_stats_f32(<const float*>xp, v.b.outer, C, v.b.inner, mean,
-                                           var, threads)
+                status = K.batch_stats_f32(<const float*>xp, v.b.outer, C, v.b.inner, vp,
+                                           <double>count, mean, var, threads)
             else:
-                status = K.batch_stats_f64(<const double*>xp, v.b.outer, C, v.b.inner, mean,
-                                           var, threads)
+                status = K.batch_stats_f64(<const double*>xp, v.b.outer, C, v.b.inner, vp,
+                                           <double>count, mean, var, threads)
         check_scratch(status)
     return 0
 
 
-cdef object stats_block(View v):
+cdef object stats_block(View v, object valid=None, Py_ssize_t count=0):
     """A (2, C) float64 block of ``v``'s per-channel mean and biased
-    variance (NaN for channels with no values)."""
+    variance (NaN for channels with no values), as stats_into."""
     block = new_block(2, v.b.C)
-    stats_into(v, row(block, 0, v.b.C), row(block, 1, v.b.C))
+    stats_into(v, row(block, 0, v.b.C), row(block, 1, v.b.C), valid, count)
     return block
 
 
-def stats(x, axis, out):
-    """cbn.batch_stats: (mean, biased var) in x's dtype, or written to ``out``."""
+def stats(x, axis, out, mask=None):
+    """cbn.batch_stats: (mean, biased var) in x's dtype, or written to
+    ``out``; over the valid positions of ``mask`` when it is given."""
     cdef View v = view_of(x, axis, ANY_INPUT, "input")
+    valid, count = valid_positions(mask, v)
     if out is not None:
         out = stats_out(out, v)
-    block = stats_block(v)
+    block = stats_block(v, valid, count)
     if out is None:
         return block[0].astype(v.result_dtype()), block[1].astype(v.result_dtype())
     out[0][...] = block[0]
@@ -200,23 +222,33 @@ def stats(x, axis, out):
     return out
 
 
-cdef tuple moments_of_view(View v):
-    """(count, mean, m2) of ``v`` per channel: count an int (values per
+cdef tuple moments_of_view(View v, object valid=None, Py_ssize_t count=0):
+    """(count, mean, m2) of ``v`` per channel (over a mask's ``count``
+    valid positions when ``valid`` is given): count an int (values per
     channel), mean and m2 (the sum of squared deviations) new float64 (C,)
     arrays; zeros for an empty batch."""
-    cdef Py_ssize_t count = v.b.outer * v.b.inner
+    if valid is None:
+        count = v.b.outer * v.b.inner
     if count == 0:
         return 0, numpy.zeros(v.b.C), numpy.zeros(v.b.C)
-    block = stats_block(v)
+    block = stats_block(v, valid, count)
     block[1] *= count   # biased variance -> m2
     return count, block[0], block[1]
 
 
-def moments(x, axis, Accepts accepts=ANY_INPUT, str name="input"):
-    """cbn.Moments.of: (count, mean, m2, dtype) of ``x``, the first three as
-    moments_of_view, the last the input's."""
+def moments(x, axis, Accepts accepts=ANY_INPUT, str name="input", mask=None):
+    """cbn.Moments.of: (count, mean, m2, dtype) of ``x`` (over ``mask``'s
+    valid positions when it is given), the first three as moments_of_view,
+    the last the input's."""
     cdef View v = view_of(x, axis, accepts, name)
-    return moments_of_view(v) + (v.result_dtype(),)
+    valid, count = valid_positions(mask, v)
+    return moments_of_view(v, valid, count) + (v.result_dtype(),)
+
+
+def check_mask(x, axis, mask):
+    """The rules of a mask that a call does not use (eval mode), checked as
+    where it is used."""
+    valid_positions(mask, view_of(x, axis, ANY_INPUT, "input"))
 
 
 cdef tuple stats_out(object out, View v):
@@ -297,11 +329,11 @@ cdef int check_running_pair(object running_mean, object running_var) except -1:
     return 0
 
 
-def forward_stats(x, axis, weight, bias, eps, out):
+def forward_stats(x, axis, weight, bias, eps, out, mask=None):
     """cbn.batch_norm_forward: (y, save_mean, save_invstd), the statistics
-    as new float64 arrays."""
+    as new float64 arrays (over ``mask``'s valid positions when given)."""
     cdef Record r = train_forward(x, axis, ANY_INPUT, weight, bias, eps, None, None, None,
-                                  None, False, NONFINITE_PROPAGATE, out)
+                                  None, False, NONFINITE_PROPAGATE, out, False, 1, mask)
     return (r.output, channels_as(r.mean_p, r.num_channels, float64_dtype),
             channels_as(r.invstd_p, r.num_channels, float64_dtype))
 
@@ -366,12 +398,15 @@ cdef TrainStep train_step(x, axis, Accepts accepts, weight, bias, eps, running_m
     return t
 
 
-cdef int check_count(Py_ssize_t count, View v) except -1:
+cdef int check_count(Py_ssize_t count, View v, bint masked=False) except -1:
     """PyTorch's rule: one value per channel has no variance. ``v``: this
-    process's input, or None for a batch spread over processes."""
+    process's input, or None for a batch spread over processes; ``masked``:
+    the count is of a mask's valid positions."""
     if count == 1:
         where = ("a global batch of 1 value per channel (over all processes)"
                  if v is None else f"input size {v.source.shape}")
+        if masked and v is not None:
+            where += " with 1 valid position in its mask"
         raise ValueError(f"Expected more than 1 value per channel when training, got {where}")
     return 0
 
@@ -406,44 +441,54 @@ cdef Record train_finish(TrainStep t, Py_ssize_t count):
 
 cpdef Record train_forward(x, axis, Accepts accepts, weight, bias, eps, running_mean,
                            running_var, momentum, batches_tracked, bint relu, int nonfinite,
-                           out, bint may_overwrite_input=False, int var_ddof=1):
+                           out, bint may_overwrite_input=False, int var_ddof=1,
+                           mask=None):
     """A forward with the batch's statistics (training, or eval without
     running statistics): returns its Record. With running statistics, they
     are updated in place with ``momentum``, or with the cumulative average
     over ``batches_tracked`` earlier batches when momentum is None (layers
     only: functions pass batches_tracked=None). ``out`` may be the input only
     where no backward is expected (``may_overwrite_input``: eval mode).
-    ``var_ddof``: 1 keeps the unbiased variance (PyTorch), 0 the biased one."""
+    ``var_ddof``: 1 keeps the unbiased variance (PyTorch), 0 the biased one.
+    ``mask``: the statistics (and the update's count) come from its valid
+    positions only; every position is normalized."""
     cdef TrainStep t = train_step(x, axis, accepts, weight, bias, eps, running_mean,
                                   running_var, momentum, batches_tracked, relu, nonfinite,
                                   out, may_overwrite_input, var_ddof)
     cdef View v = t.r
     cdef Py_ssize_t C = v.b.C, n = v.b.outer * v.b.inner
     cdef int status = 0
-    check_count(n, v)
+    valid, count = valid_positions(mask, v)
+    if valid is not None:
+        n = count
+    check_count(n, v, valid is not None)
     output_for(v, out, (running_mean, running_var) if t.update else ())
     cdef const void* xp = data_of(v.data)
     cdef void* yp = data_of(v.kernel)
     cdef double* s = row(t.block, 0, C)
-    if n == 0 or C == 0:  # an empty batch: no statistics, nothing to update
+    cdef const unsigned char* vp = valid_data(valid)
+    cdef bint batch_stats = n > 0 and C > 0
+    if not batch_stats:  # an empty batch: no statistics, nothing to update
         t.block[R_MEAN:R_INVSTD + 1] = numpy.nan
-    else:
+    if v.size():  # (a mask with no valid position: every output NaN)
         with nogil:
             status = forward_kernel(v.b, xp, yp, s + R_WEIGHT * C, s + R_BIAS * C, t.eps,
-                                    True, s + R_MEAN * C, s + R_VAR * C,
-                                    s + R_INVSTD * C, relu)
+                                    batch_stats, s + R_MEAN * C, s + R_VAR * C,
+                                    s + R_INVSTD * C, relu, vp, <double>n)
         check_scratch(status)
+    t.r.valid = valid
+    t.r.valid_count = n
     return train_finish(t, n)
 
 
 def train_begin(x, axis, Accepts accepts, weight, bias, eps, running_mean, running_var,
                 momentum, batches_tracked, bint relu, int nonfinite, out, packed,
-                int var_ddof=1):
+                int var_ddof=1, mask=None):
     """The first half of a forward on a batch spread over processes: every
     check of train_forward but the count's (which is the global batch's),
-    the output allocated, and this process's moments written to ``packed``,
-    a float64 (2C + 2,) row: [input dtype number, count, mean (C), m2 (C)].
-    No state changes."""
+    the output allocated, and this process's moments (over ``mask``'s valid
+    positions when it is given) written to ``packed``, a float64 (2C + 2,)
+    row: [input dtype number, count, mean (C), m2 (C)]. No state changes."""
     cdef TrainStep t = train_step(x, axis, accepts, weight, bias, eps, running_mean,
                                   running_var, momentum, batches_tracked, relu, nonfinite,
                                   out, False, var_ddof)
@@ -452,14 +497,17 @@ def train_begin(x, axis, Accepts accepts, weight, bias, eps, running_mean, runni
     cdef double* p = packed_data(packed, 2 * C + 2, "packed")
     if cnp.PyArray_SIZE(<cnp.ndarray>packed) != 2 * C + 2:
         raise ValueError(f"packed must hold {2 * C + 2} values")
+    valid, count = valid_positions(mask, v)
     output_for(v, out, (running_mean, running_var) if t.update else ())
-    t.count = v.b.outer * v.b.inner
+    t.count = v.b.outer * v.b.inner if valid is None else count
+    t.r.valid = valid
+    t.r.valid_count = t.count
     p[0] = v.result_dtype().num
     p[1] = t.count
     if t.count == 0:
         memset(p + 2, 0, 2 * C * sizeof(double))
         return t
-    stats_into(v, p + 2, p + 2 + C)
+    stats_into(v, p + 2, p + 2 + C, valid, t.count)
     for c in range(C):
         p[2 + C + c] *= t.count   # biased variance -> m2
     return t
@@ -475,19 +523,23 @@ def train_end(TrainStep t, Py_ssize_t count, mean, m2):
     cdef int status = 0
     check_count(count, None)
     if count == 0 or C == 0:
+        # A batch empty everywhere (or masked out): NaN statistics, which
+        # normalize any masked-out positions here to NaN.
         t.block[R_MEAN:R_INVSTD + 1] = numpy.nan
-        return train_finish(t, 0)
-    read_channels(mean, C, s + R_MEAN * C, "mean")
-    read_channels(m2, C, s + R_VAR * C, "m2")
-    for c in range(C):
-        s[R_VAR * C + c] /= count
+        count = 0
+    else:
+        read_channels(mean, C, s + R_MEAN * C, "mean")
+        read_channels(m2, C, s + R_VAR * C, "m2")
+        for c in range(C):
+            s[R_VAR * C + c] /= count
     cdef const void* xp = data_of(v.data)
     cdef void* yp = data_of(v.kernel)
     if v.size():
         with nogil:
             status = forward_kernel(v.b, xp, yp,
                                     s + R_WEIGHT * C, s + R_BIAS * C, t.eps, False,
-                                    s + R_MEAN * C, s + R_VAR * C, s + R_INVSTD * C, t.relu)
+                                    s + R_MEAN * C, s + R_VAR * C, s + R_INVSTD * C, t.relu,
+                                    NULL, 0)
         check_scratch(status)
     else:
         for c in range(C):
@@ -523,7 +575,7 @@ def eval_forward(x, axis, weight, bias, running_mean, running_var, eps, momentum
             with nogil:
                 status = forward_kernel(v.b, xp, yp, s + R_WEIGHT * C, s + R_BIAS * C,
                                         eps_c, False, s + R_MEAN * C, s + R_VAR * C,
-                                        s + R_INVSTD * C, relu)
+                                        s + R_INVSTD * C, relu, NULL, 0)
             check_scratch(status)
         return finish(v)
     finally:
@@ -573,7 +625,7 @@ cdef View output_view(View v):
     """A View of ``v``'s input for another call's output: a forward's record
     keeps its own output fields, whatever its backwards do."""
     cdef View o = View.__new__(View)
-    o.data, o.source, o.b = v.data, v.source, v.b
+    o.data, o.source, o.b, o.axis = v.data, v.source, v.b, v.axis
     o.converted_dtype, o.compute_dtype = v.converted_dtype, v.compute_dtype
     return o
 
@@ -596,6 +648,7 @@ cdef class BackwardStep:
     cdef const double* weight_p
     cdef double* sums       # (3, C): sum of dy, sum of (x - mean) * dy, grad_weight
     cdef object grad_dtype
+    cdef object valid       # the forward's mask (valid_positions), or None
 
     def __dealloc__(self):
         free(self.sums)
@@ -649,21 +702,24 @@ cdef BackwardStep backward_step(View v, object dy, object dy_data, const double*
 cdef tuple run_backward(View v, object dy, object dy_data, const double* mean,
                         const double* invstd, const double* weight, bint training,
                         object out, object relu_output, object grad_dtype,
-                        bint own_view, object keep):
+                        bint own_view, object keep, object valid=None,
+                        Py_ssize_t valid_count=0):
     """(dx, grad_weight, grad_bias): backward_step, then its sums and dx in
-    one kernel call."""
+    one kernel call. ``valid``: the mask (valid_positions, over
+    ``valid_count`` positions) the forward's batch statistics came from."""
     cdef BackwardStep t = backward_step(v, dy, dy_data, mean, invstd, weight, out,
                                         relu_output, grad_dtype, own_view, keep)
     cdef Py_ssize_t C = v.b.C
     cdef int status = 0
     cdef const void* xp
     cdef void* dxp
+    cdef const unsigned char* vp = valid_data(valid)
     if t.o.size():  # an empty batch: nothing flows back (the sums stay 0)
         xp = data_of(t.o.data)
         dxp = data_of(t.o.kernel)
         with nogil:
             status = backward_kernel(t.o.b, t.dyp, xp, dxp, mean, invstd, weight, training,
-                                     t.sums, t.sums + C)
+                                     vp, <double>valid_count, t.sums, t.sums + C)
         check_scratch(status)
     return t.results()
 
@@ -678,6 +734,7 @@ def backward_begin(Record record, dy, out, grad_dtype, str owner, sums):
         record.weight_p, out, record.relu_output, grad_dtype, False, record)
     cdef Py_ssize_t C = t.o.b.C
     cdef double* p = packed_data(sums, 2 * C + 1, "sums")
+    t.valid = record.valid
     cdef int status = 0
     cdef const void* xp = data_of(t.o.data)
     if t.o.size():
@@ -696,6 +753,7 @@ def backward_end(BackwardStep t, sum_dy, dotp, Py_ssize_t count):
     cdef int status = 0
     cdef const void* xp = data_of(t.o.data)
     cdef void* dxp = data_of(t.o.kernel)
+    cdef const unsigned char* vp = valid_data(t.valid)
     cdef double* total = <double*>malloc(2 * C * sizeof(double) + 1)
     if total == NULL:
         raise MemoryError()
@@ -705,7 +763,8 @@ def backward_end(BackwardStep t, sum_dy, dotp, Py_ssize_t count):
         if t.o.size():
             with nogil:
                 status = grad_input_kernel(t.o.b, t.dyp, xp, dxp, t.mean_p, t.invstd_p,
-                                           t.weight_p, total, total + C, <double>count)
+                                           t.weight_p, total, total + C, vp,
+                                           <double>count)
             check_scratch(status)
     finally:
         free(total)
@@ -726,13 +785,15 @@ def record_backward(Record record, dy, out, grad_dtype, str owner):
     """A layer's backward of the forward ``record`` describes."""
     return run_backward(record, dy, record_dy(record, dy, owner), record.mean_p,
                         record.invstd_p, record.weight_p, record.batch_stats, out,
-                        record.relu_output, grad_dtype, False, record)
+                        record.relu_output, grad_dtype, False, record, record.valid,
+                        record.valid_count)
 
 
-def backward(dy, x, axis, save_mean, save_invstd, weight, training, out):
-    """cbn.batch_norm_backward."""
+def backward(dy, x, axis, save_mean, save_invstd, weight, training, out, mask=None):
+    """cbn.batch_norm_backward; ``mask``: the forward's, in training."""
     cdef View v = view_of(x, axis, ANY_INPUT, "x")
     cdef Py_ssize_t C = v.b.C
+    valid, count = valid_positions(mask, v)
     cdef double* s = <double*>malloc(3 * C * sizeof(double) + 1)
     if s == NULL:
         raise MemoryError()
@@ -743,6 +804,6 @@ def backward(dy, x, axis, save_mean, save_invstd, weight, training, out):
         training_c = check_training_flag(training)
         dy_data = view_like(dy, v, "dy")  # last: it may copy a huge dy
         return run_backward(v, dy, dy_data, s, s + C, s + 2 * C, training_c, out, None,
-                            v.result_dtype(), True, None)
+                            v.result_dtype(), True, None, valid, count)
     finally:
         free(s)

@@ -151,7 +151,9 @@ def stats(
     x: ArrayLike,
     axis: SupportsIndex,
     out: tuple[NDArray[Any], NDArray[Any]] | list[NDArray[Any]] | None,
+    mask: ArrayLike | None = None,
 ) -> tuple[NDArray[Any], NDArray[Any]]: ...
+def check_mask(x: ArrayLike, axis: SupportsIndex, mask: ArrayLike) -> None: ...
 def nonfinite_error(channels: Sequence[int]) -> FloatingPointError: ...
 def forward_stats(
     x: ArrayLike,
@@ -160,6 +162,7 @@ def forward_stats(
     bias: ArrayLike | None,
     eps: SupportsFloat,
     out: NDArray[Any] | None,
+    mask: ArrayLike | None = None,
 ) -> tuple[NDArray[Any], NDArray[np.float64], NDArray[np.float64]]: ...
 def train_forward(
     x: ArrayLike,
@@ -177,6 +180,7 @@ def train_forward(
     out: NDArray[Any] | None,
     may_overwrite_input: bool = False,
     var_ddof: int = 1,
+    mask: ArrayLike | None = None,
 ) -> Record: ...
 def eval_forward(
     x: ArrayLike,
@@ -212,9 +216,14 @@ def backward(
     weight: ArrayLike | None,
     training: bool,
     out: NDArray[Any] | None,
+    mask: ArrayLike | None = None,
 ) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]: ...
 def moments(
-    x: ArrayLike, axis: SupportsIndex, accepts: Accepts = ..., name: str = "input"
+    x: ArrayLike,
+    axis: SupportsIndex,
+    accepts: Accepts = ...,
+    name: str = "input",
+    mask: ArrayLike | None = None,
 ) -> tuple[int, _F64Array, _F64Array, np.dtype[Any]]: ...
 @final
 class TrainStep:
@@ -243,6 +252,7 @@ def train_begin(
     out: NDArray[Any] | None,
     packed: _F64Array,
     var_ddof: int = 1,
+    mask: ArrayLike | None = None,
 ) -> TrainStep: ...
 def train_end(t: TrainStep, count: int, mean: ArrayLike, m2: ArrayLike) -> Record: ...
 @final

@@ -14,35 +14,43 @@
 #include <Python.h>
 
 #define CBN_KERNEL_TABLE_NAME "cbn.kernel_table"
-#define CBN_KERNEL_TABLE_VERSION 3
+#define CBN_KERNEL_TABLE_VERSION 4
 
 typedef struct {
     int version;
     const char *simd_target;
+    /* A mask ``valid`` is one byte per (outer, inner) position, shared by the
+     * channels, nonzero where the position is valid; NULL: every position is.
+     * ``count``: how many are valid (> 0), read only with a mask. */
     /* Per-channel mean and biased variance of a non-empty block. */
     int (*batch_stats_f32)(const float *x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                           const unsigned char *valid, double count,
                            double *mean, double *var, int threads);
     int (*batch_stats_f64)(const double *x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                           const unsigned char *valid, double count,
                            double *mean, double *var, int threads);
-    /* Normalize with batch statistics (written to mean/var/invstd) or with
-     * given ones (mean/var read, invstd written); y may be x. */
+    /* Normalize with batch statistics (written to mean/var/invstd; over the
+     * valid positions) or with given ones (mean/var read, invstd written);
+     * every position is normalized; y may be x. */
     int (*forward_f32)(const float *x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
                        const double *weight, const double *bias, double eps, int batch_stats,
                        double *mean, double *var, double *invstd, float *y, int relu,
-                       int threads);
+                       const unsigned char *valid, double count, int threads);
     int (*forward_f64)(const double *x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
                        const double *weight, const double *bias, double eps, int batch_stats,
                        double *mean, double *var, double *invstd, double *y, int relu,
-                       int threads);
-    /* Input gradient and the per-channel sums; dx may be dy or x. */
+                       const unsigned char *valid, double count, int threads);
+    /* Input gradient and the per-channel sums (over every position); dx may
+     * be dy or x. In training, ``valid`` says where the statistics came from. */
     int (*backward_f32)(const float *dy, const float *x, Py_ssize_t outer, Py_ssize_t C,
                         Py_ssize_t inner, const double *mean, const double *invstd,
-                        const double *weight, int training, double *sum_dy, double *dotp,
-                        float *dx, int threads);
+                        const double *weight, int training, const unsigned char *valid,
+                        double count, double *sum_dy, double *dotp, float *dx, int threads);
     int (*backward_f64)(const double *dy, const double *x, Py_ssize_t outer, Py_ssize_t C,
                         Py_ssize_t inner, const double *mean, const double *invstd,
-                        const double *weight, int training, double *sum_dy, double *dotp,
-                        double *dx, int threads);
+                        const double *weight, int training, const unsigned char *valid,
+                        double count, double *sum_dy, double *dotp, double *dx,
+                        int threads);
     /* The backward's two halves, for sums that are combined across processes
      * in between (SyncBatchNorm): the per-channel sum of dy and of
      * (x - mean) * dy of a non-empty block, then the training-mode input
@@ -56,11 +64,12 @@ typedef struct {
     int (*grad_input_f32)(const float *dy, const float *x, Py_ssize_t outer, Py_ssize_t C,
                           Py_ssize_t inner, const double *mean, const double *invstd,
                           const double *weight, const double *sum_dy, const double *dotp,
-                          double count, float *dx, int threads);
+                          const unsigned char *valid, double count, float *dx, int threads);
     int (*grad_input_f64)(const double *dy, const double *x, Py_ssize_t outer, Py_ssize_t C,
                           Py_ssize_t inner, const double *mean, const double *invstd,
                           const double *weight, const double *sum_dy, const double *dotp,
-                          double count, double *dx, int threads);
+                          const unsigned char *valid, double count, double *dx,
+                          int threads);
     /* y = (x - mean) * scale + shift (then ReLU); y may be x. */
     int (*normalize_f32)(const float *x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
                          const double *mean, const double *scale, const double *shift,

@@ -8,32 +8,37 @@ cdef extern from "_kernel_table.h":
         int version
         const char* simd_target
         int (*batch_stats_f32)(const float*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                               double*, double*, int) noexcept nogil
+                               const unsigned char*, double, double*, double*,
+                               int) noexcept nogil
         int (*batch_stats_f64)(const double*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                               double*, double*, int) noexcept nogil
+                               const unsigned char*, double, double*, double*,
+                               int) noexcept nogil
         int (*forward_f32)(const float*, Py_ssize_t, Py_ssize_t, Py_ssize_t, const double*,
                            const double*, double, bint, double*, double*, double*, float*,
-                           bint, int) noexcept nogil
+                           bint, const unsigned char*, double, int) noexcept nogil
         int (*forward_f64)(const double*, Py_ssize_t, Py_ssize_t, Py_ssize_t, const double*,
                            const double*, double, bint, double*, double*, double*, double*,
-                           bint, int) noexcept nogil
+                           bint, const unsigned char*, double, int) noexcept nogil
         int (*backward_f32)(const float*, const float*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                            const double*, const double*, const double*, bint, double*,
-                            double*, float*, int) noexcept nogil
+                            const double*, const double*, const double*, bint,
+                            const unsigned char*, double, double*, double*, float*,
+                            int) noexcept nogil
         int (*backward_f64)(const double*, const double*, Py_ssize_t, Py_ssize_t,
                             Py_ssize_t, const double*, const double*, const double*, bint,
-                            double*, double*, double*, int) noexcept nogil
+                            const unsigned char*, double, double*, double*, double*,
+                            int) noexcept nogil
         int (*grad_sums_f32)(const float*, const float*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
                              const double*, double*, double*, int) noexcept nogil
         int (*grad_sums_f64)(const double*, const double*, Py_ssize_t, Py_ssize_t,
                              Py_ssize_t, const double*, double*, double*, int) noexcept nogil
         int (*grad_input_f32)(const float*, const float*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
                               const double*, const double*, const double*, const double*,
-                              const double*, double, float*, int) noexcept nogil
+                              const double*, const unsigned char*, double, float*,
+                              int) noexcept nogil
         int (*grad_input_f64)(const double*, const double*, Py_ssize_t, Py_ssize_t,
                               Py_ssize_t, const double*, const double*, const double*,
-                              const double*, const double*, double, double*,
-                              int) noexcept nogil
+                              const double*, const double*, const unsigned char*, double,
+                              double*, int) noexcept nogil
         int (*normalize_f32)(const float*, Py_ssize_t, Py_ssize_t, Py_ssize_t, const double*,
                              const double*, const double*, float*, bint, bint,
                              int) noexcept nogil

@@ -55,6 +55,7 @@
 from cython cimport floating
 from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 
 
 cdef extern from "_stream.h" nogil:
@@ -376,6 +377,149 @@ cdef void interleaved_grad_sums_unit(const floating* dy, const floating* x,
         r += 1
 
 
+# Masked statistics: sums of d = x - shift and d * d over the positions a
+# mask (one byte per (outer, inner) position, shared by every channel) marks
+# valid. Masked-out values are selected away, never multiplied by 0, so
+# padding that holds NaN or inf leaves no trace.
+
+cdef inline void shifted_sums(const floating* x, Py_ssize_t n, double shift,
+                              double* sum_d,     # IN/OUT: added to
+                              double* sum_d2     # IN/OUT: added to
+                              ) noexcept nogil:
+    """Sums of d = x - shift and d * d over a short contiguous run."""
+    cdef double acc_d[LANES]
+    cdef double acc_d2[LANES]
+    cdef double d
+    cdef Py_ssize_t i, k, n_full = n - n % LANES
+    for k in range(LANES):
+        acc_d[k] = 0
+        acc_d2[k] = 0
+    # Two loops of one accumulator each (the run is in L1): a loop that
+    # feeds two accumulators does not vectorize.
+    for i in range(n_full // LANES):
+        for k in range(LANES):
+            acc_d[k] += x[i * LANES + k] - shift
+    for i in range(n_full // LANES):
+        for k in range(LANES):
+            d = x[i * LANES + k] - shift
+            acc_d2[k] += d * d
+    for i in range(n_full, n):
+        d = x[i] - shift
+        acc_d[i - n_full] += d
+        acc_d2[i - n_full] += d * d
+    sum_d[0] += sum_lanes(acc_d)
+    sum_d2[0] += sum_lanes(acc_d2)
+
+
+cdef inline void masked_run_sums(const floating* x, const unsigned char* valid,
+                                 Py_ssize_t n, double shift,
+                                 double* sum_d,     # IN/OUT: added to
+                                 double* sum_d2     # IN/OUT: added to
+                                 ) noexcept nogil:
+    """Sums of d = x - shift and d * d over the valid values of a run.
+
+    STAGE values at a time are first copied to an L1 buffer with the masked
+    ones replaced by the shift itself (a value of x, so exactly
+    representable), whose deviation is exactly 0; both loops then vectorize,
+    where a select inside the sums would not (mixed byte and double lanes).
+    """
+    cdef floating staged[STAGE]
+    cdef floating fill = <floating>shift, v
+    cdef Py_ssize_t start = 0, length, i
+    while start < n:
+        length = min(<Py_ssize_t>STAGE, n - start)
+        for i in range(length):
+            v = x[start + i]   # loaded whatever the mask: a blend, no branch
+            staged[i] = v if valid[start + i] else fill
+        shifted_sums(staged, length, shift, sum_d, sum_d2)
+        start += length
+
+
+cdef void planar_masked_unit(const floating* x, const unsigned char* valid,
+                             Py_ssize_t C, Py_ssize_t inner, Py_ssize_t c,
+                             Py_ssize_t o_start, Py_ssize_t o_stop, double shift,
+                             double* sum_d_out,    # OUT
+                             double* sum_d2_out    # OUT
+                             ) noexcept nogil:
+    cdef Py_ssize_t o
+    sum_d_out[0] = 0
+    sum_d2_out[0] = 0
+    for o in range(o_start, o_stop):
+        masked_run_sums(x + (o * C + c) * inner, valid + o * inner, inner, shift,
+                        sum_d_out, sum_d2_out)
+
+
+cdef void sweep_masked_rows(const floating* x, const unsigned char* valid,
+                            Py_ssize_t C, Py_ssize_t inner,
+                            Py_ssize_t o_start, Py_ssize_t o_stop, const double* shift,
+                            double* sum_d_out,    # OUT (C,)
+                            double* sum_d2_out    # OUT (C,)
+                            ) noexcept nogil:
+    cdef Py_ssize_t o, c
+    for c in range(C):
+        sum_d_out[c] = 0
+        sum_d2_out[c] = 0
+    for o in range(o_start, o_stop):
+        for c in range(C):
+            masked_run_sums(x + (o * C + c) * inner, valid + o * inner, inner, shift[c],
+                            &sum_d_out[c], &sum_d2_out[c])
+
+
+cdef void interleaved_masked_unit(const floating* x, const unsigned char* valid,
+                                  Py_ssize_t W, Py_ssize_t inner,
+                                  const double* shift_cols,
+                                  Py_ssize_t r_start, Py_ssize_t r_stop,
+                                  Py_ssize_t j_start, Py_ssize_t j_stop,
+                                  double* sum_d_out,    # OUT, columns j_start:j_stop
+                                  double* sum_d2_out    # OUT, columns j_start:j_stop
+                                  ) noexcept nogil:
+    """Rows of W = C * inner columns; column j is position j % inner of its
+    channel. With inner 1 a row is valid or not as a whole, and skipped;
+    otherwise each row is staged as in masked_run_sums, its mask spread over
+    the tile's columns first."""
+    cdef Py_ssize_t r, j, i, seg, filled, width = j_stop - j_start
+    cdef double d
+    cdef const double* shift = shift_cols + j_start
+    cdef const floating* row
+    cdef const unsigned char* mrow
+    cdef floating staged[TILE_COLS]
+    cdef floating fills[TILE_COLS]   # the shifts, exact in x's dtype
+    cdef floating v
+    cdef unsigned char mcols[TILE_COLS]
+    for j in range(width):
+        sum_d_out[j] = 0
+        sum_d2_out[j] = 0
+        fills[j] = <floating>shift[j]
+    for r in range(r_start, r_stop):
+        row = x + r * W + j_start
+        if inner == 1:
+            if valid[r]:
+                for j in range(width):
+                    d = row[j] - shift[j]
+                    sum_d_out[j] += d
+                    sum_d2_out[j] += d * d
+            continue
+        # The row's mask repeats every inner columns: the tile's first
+        # (partial) stretch, one whole one, then doubling copies.
+        mrow = valid + r * inner
+        i = j_start % inner
+        seg = min(inner - i, width)
+        memcpy(mcols, mrow + i, seg)
+        filled = min(seg + inner, width)
+        memcpy(mcols + seg, mrow, filled - seg)
+        while filled < width:
+            j = min(filled - seg, width - filled)
+            memcpy(mcols + filled, mcols + seg, j)
+            filled += j
+        for j in range(width):
+            v = row[j]   # loaded whatever the mask: a blend, no branch
+            staged[j] = v if mcols[j] else fills[j]
+        for j in range(width):
+            d = staged[j] - shift[j]
+            sum_d_out[j] += d
+            sum_d2_out[j] += d * d
+
+
 # ---------------------------------------------------------------------------
 # 2. The reduction driver: plan, run the units, merge. Shared by the batch
 # statistics (combined with Chan's formula) and the gradient sums (added).
@@ -384,8 +528,10 @@ ctypedef struct Reduction:   # a reduction's job arguments
     ReducePlan plan
     int kind                 # a ReduceKind
     double* scratch          # laid out as the plan says
-    # REDUCE_GRAD_SUMS: per column when plan.cols_per_channel > 1, else per channel
+    # REDUCE_GRAD_SUMS: the means; REDUCE_MASKED_SUMS: the shifts. Per column
+    # when plan.cols_per_channel > 1, else per channel.
     const double* mean
+    const unsigned char* valid   # REDUCE_MASKED_SUMS: (outer, inner) mask
 
 
 cdef inline void reduce_unit(const Reduction* r, Py_ssize_t u, int thread,
@@ -420,6 +566,16 @@ cdef inline void reduce_unit(const Reduction* r, Py_ssize_t u, int thread,
                                    r.scratch + p.thread_scratch_at
                                    + thread * p.thread_scratch_len,
                                    part_a, part_b)
+    elif r.kind == REDUCE_MASKED_SUMS:
+        if p.walk == WALK_SWEEP:
+            sweep_masked_rows(x, r.valid, p.C, p.inner, o_start, o_stop, r.mean,
+                              part_a, part_b)
+        elif p.walk == WALK_PLANAR:
+            planar_masked_unit(x, r.valid, p.C, p.inner, j_start, o_start, o_stop,
+                               r.mean[j_start], part_a, part_b)
+        else:
+            interleaved_masked_unit(x, r.valid, p.cols, p.inner, r.mean, o_start, o_stop,
+                                    j_start, j_stop, part_a, part_b)
     else:
         if p.walk == WALK_SWEEP:
             sweep_grad_sums_rows(dy, x, p.C, p.inner, o_start, o_stop, r.mean,
@@ -446,7 +602,7 @@ cdef void combine_chunks(const Reduction* r) noexcept nogil:
     for k in range(1, p.n_chunks):
         chunk_a = part_a + k * p.cols
         chunk_b = part_b + k * p.cols
-        if r.kind == REDUCE_GRAD_SUMS:
+        if r.kind != REDUCE_STATS:   # sums: added
             for j in range(p.cols):
                 part_a[j] = part_a[j] + chunk_a[j]
                 part_b[j] = part_b[j] + chunk_b[j]
@@ -467,7 +623,8 @@ cdef void combine_columns(const Reduction* r,
                           double* out_b      # OUT (C,): biased var or dotp
                           ) noexcept nogil:
     """Per-channel results from chunk 0's columns (for every walk but the
-    interleaved one with inner > 1, the columns are the channels)."""
+    interleaved one with inner > 1, the columns are the channels). Sums
+    (REDUCE_GRAD_SUMS, REDUCE_MASKED_SUMS) are added."""
     cdef const ReducePlan* p = &r.plan
     cdef const double* col_a = r.scratch + p.part_a_at
     cdef const double* col_b = r.scratch + p.part_b_at
@@ -502,11 +659,13 @@ cdef void combine_columns(const Reduction* r,
 cdef int reduce_impl(int kind,                # a ReduceKind
                      const floating* xp,
                      const floating* dyp,     # REDUCE_GRAD_SUMS only
+                     const unsigned char* valid,   # REDUCE_MASKED_SUMS only
                      Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
-                     const double* mean,      # IN (C,), REDUCE_GRAD_SUMS only
-                     double* out_a,           # OUT (C,): mean, or sum of dy
-                     double* out_b,           # OUT (C,): biased var, or dotp =
-                                              # sum of (x - mean) * dy
+                     const double* mean,      # IN (C,): REDUCE_GRAD_SUMS' means,
+                                              # REDUCE_MASKED_SUMS' shifts
+                     double* out_a,           # OUT (C,): mean, sum of dy, or sum of d
+                     double* out_b,           # OUT (C,): biased var, dotp = sum of
+                                              # (x - mean) * dy, or sum of d * d
                      int num_threads) noexcept nogil:
     """A per-channel reduction of a non-empty (outer, C, inner) block. Returns
     0, or -1 when scratch space cannot be allocated."""
@@ -518,6 +677,7 @@ cdef int reduce_impl(int kind,                # a ReduceKind
     if r.scratch == NULL:
         return -1
     r.mean = mean
+    r.valid = valid
     if r.plan.mean_cols_at >= 0:
         expand_to_columns(mean, C, inner, r.scratch + r.plan.mean_cols_at)
         r.mean = r.scratch + r.plan.mean_cols_at
@@ -533,15 +693,60 @@ cdef int reduce_impl(int kind,                # a ReduceKind
     return 0
 
 
+cdef void masked_shifts(const floating* x, const unsigned char* valid, Py_ssize_t outer,
+                        Py_ssize_t C, Py_ssize_t inner,
+                        double* shift      # OUT (C,)
+                        ) noexcept nogil:
+    """Each channel's value at the first valid position, which lies within
+    its data's spread; 0 where that value is not finite (an infinite value
+    then keeps an infinite mean, as in a plain sum) or nothing is valid."""
+    cdef Py_ssize_t c, p = 0, n = outer * inner
+    cdef double v
+    while p < n and not valid[p]:
+        p += 1
+    for c in range(C):
+        v = x[((p // inner) * C + c) * inner + p % inner] if p < n else 0.0
+        shift[c] = v if v - v == 0 else 0.0
+
+
+cdef inline void masked_moments(double shift, double sum_d, double sum_d2, double count,
+                                double* mean,   # OUT
+                                double* var     # OUT, biased
+                                ) noexcept nogil:
+    """Mean and biased variance from sums of d = x - shift over ``count``
+    values: m2 = sum(d * d) - sum(d)^2 / n cancels only as much as the shift
+    is off the mean."""
+    mean[0] = shift + sum_d / count
+    var[0] = max(sum_d2 - sum_d * (sum_d / count), 0.0) / count
+
+
 cdef int batch_stats_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
                           Py_ssize_t inner,
+                          const unsigned char* valid,  # IN (outer, inner) or NULL: all
+                          double count,          # positions valid, when ``valid``
                           double* mean,          # OUT (C,)
                           double* var,           # OUT (C,), biased
                           int num_threads) noexcept nogil:
     """Per-channel mean and biased variance of a non-empty (outer, C, inner)
-    block. Returns 0, or -1 when scratch space cannot be allocated."""
-    return reduce_impl(REDUCE_STATS, xp, <const floating*>NULL, outer, C, inner,
-                       NULL, mean, var, num_threads)
+    block, over the positions ``valid`` marks (count > 0 of them) when it is
+    given. Returns 0, or -1 when scratch space cannot be allocated."""
+    cdef Py_ssize_t c
+    cdef int status
+    cdef double* shift
+    if valid == NULL:
+        return reduce_impl(REDUCE_STATS, xp, <const floating*>NULL, NULL, outer, C, inner,
+                           NULL, mean, var, num_threads)
+    shift = <double*>malloc(C * sizeof(double) + 1)
+    if shift == NULL:
+        return -1
+    masked_shifts(xp, valid, outer, C, inner, shift)
+    status = reduce_impl(REDUCE_MASKED_SUMS, xp, <const floating*>NULL, valid, outer, C,
+                         inner, shift, mean, var, num_threads)
+    if status == 0:
+        for c in range(C):
+            masked_moments(shift[c], mean[c], var[c], count, &mean[c], &var[c])
+    free(shift)
+    return status
 
 
 cdef int grad_sums_impl(const floating* dyp, const floating* xp,
@@ -551,8 +756,8 @@ cdef int grad_sums_impl(const floating* dyp, const floating* xp,
                         double* dotp,         # OUT (C,): sum of (x - mean) * dy
                         int num_threads) noexcept nogil:
     """Returns 0, or -1 when scratch space cannot be allocated."""
-    return reduce_impl(REDUCE_GRAD_SUMS, xp, dyp, outer, C, inner, mean, sum_dy, dotp,
-                       num_threads)
+    return reduce_impl(REDUCE_GRAD_SUMS, xp, dyp, NULL, outer, C, inner, mean, sum_dy,
+                       dotp, num_threads)
 
 
 cdef enum ElementOp:
@@ -1040,6 +1245,9 @@ ctypedef struct FusedChannels:   # a fused step's job arguments
     bint relu              # forward
     bint training          # backward
     bint stream
+    const unsigned char* valid   # forward: (outer, inner) mask, or NULL: all valid
+    const double* shift          # forward with a mask: IN (C,)
+    double count                 # forward with a mask: valid positions
     double* out_a          # forward: OUT mean (C,); backward: OUT sum of dy
     double* out_b          # forward: OUT biased var (C,); backward: OUT dotp
     double* out_c          # forward: OUT invstd (C,)
@@ -1061,11 +1269,17 @@ cdef inline void write_channel(int op, const FusedChannels* f, Py_ssize_t c,
 cdef inline void forward_channel(const FusedChannels* f, Py_ssize_t c,
                                  const floating* xp, floating* yp) noexcept nogil:
     """Channel c of the fused training forward: statistics, then normalization."""
-    cdef double m, v, inv, s, b
+    cdef double m, v, inv, s, b, sum_d, sum_d2
     cdef ElementParams p
-    planar_stats_unit(xp, f.C, f.inner, c, 0, f.outer, &f.out_a[c], &f.out_b[c])
-    m = f.out_a[c]
-    v = f.out_b[c] / (<double>f.outer * f.inner)
+    if f.valid == NULL:
+        planar_stats_unit(xp, f.C, f.inner, c, 0, f.outer, &f.out_a[c], &f.out_b[c])
+        m = f.out_a[c]
+        v = f.out_b[c] / (<double>f.outer * f.inner)
+    else:
+        planar_masked_unit(xp, f.valid, f.C, f.inner, c, 0, f.outer, f.shift[c], &sum_d,
+                           &sum_d2)
+        masked_moments(f.shift[c], sum_d, sum_d2, f.count, &m, &v)
+        f.out_a[c] = m
     inv = 1.0 / sqrt(v + f.eps)
     f.out_b[c] = v
     f.out_c[c] = inv
@@ -1108,6 +1322,70 @@ cdef inline void run_fused(int task, FusedChannels* f, const floating* a,
 
 
 # ---------------------------------------------------------------------------
+# 4b. The masked input gradient: the valid positions take the training-mode
+# formula, the masked ones only the direct term dy * scale (the statistics do
+# not depend on them). Computed in double, per element.
+
+ctypedef struct MaskedGradInput:   # the masked input gradient's job arguments
+    Py_ssize_t outer, C, inner
+    Py_ssize_t rows_per_unit
+    const unsigned char* valid     # (outer, inner)
+    const double* mean             # (C,)
+    const double* mean_dy          # (C,): sum_dy / count
+    const double* proj             # (C,): dotp * invstd^2 / count
+    const double* scale            # (C,): invstd * weight
+
+
+cdef inline void masked_grad_input_rows(const MaskedGradInput* g, Py_ssize_t u,
+                                        const floating* dy, const floating* x,
+                                        floating* dx) noexcept nogil:
+    """Rows u * rows_per_unit ... of the block; dx may be dy or x."""
+    cdef Py_ssize_t o, c, i, at
+    cdef Py_ssize_t o_stop = min(g.outer, (u + 1) * g.rows_per_unit)
+    cdef const unsigned char* mrow
+    cdef double m, mean_dy, q, s, corr
+    for o in range(u * g.rows_per_unit, o_stop):
+        if g.inner == 1:   # (N, C): a row is valid or not as a whole
+            at = o * g.C
+            if g.valid[o]:
+                for c in range(g.C):
+                    dx[at + c] = <floating>((dy[at + c] - g.mean_dy[c]
+                                             - (x[at + c] - g.mean[c]) * g.proj[c])
+                                            * g.scale[c])
+            else:
+                for c in range(g.C):
+                    dx[at + c] = <floating>(dy[at + c] * g.scale[c])
+            continue
+        mrow = g.valid + o * g.inner
+        for c in range(g.C):
+            at = (o * g.C + c) * g.inner
+            m, mean_dy, q, s = g.mean[c], g.mean_dy[c], g.proj[c], g.scale[c]
+            for i in range(g.inner):
+                corr = mean_dy + (x[at + i] - m) * q
+                corr = corr if mrow[i] else 0.0   # a blend: masked x may be NaN
+                dx[at + i] = <floating>((dy[at + i] - corr) * s)
+
+
+cdef void masked_grad_input_impl(const floating* dyp, const floating* xp,
+                                 Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                                 const unsigned char* valid, const double* mean,
+                                 const double* mean_dy, const double* proj,
+                                 const double* scale, floating* dxp,
+                                 int num_threads) noexcept nogil:
+    cdef MaskedGradInput g
+    cdef Job job
+    g.outer, g.C, g.inner = outer, C, inner
+    g.rows_per_unit = max(<Py_ssize_t>1, UNIT_ELEMS // (C * inner))
+    g.valid, g.mean, g.mean_dy, g.proj, g.scale = valid, mean, mean_dy, proj, scale
+    job.task = TASK_MASKED_GRAD_INPUT
+    job.n_units = ceil_div(outer, g.rows_per_unit)
+    job.team = team_size(num_threads, job.n_units)
+    job.elements = outer * C * inner
+    job.args = &g
+    run_job(&job, dyp, xp, dxp)
+
+
+# ---------------------------------------------------------------------------
 # 5. The one loop over units: every kernel's work runs here
 
 cdef inline void run_unit(const Job* job, Py_ssize_t u, int thread,
@@ -1119,6 +1397,8 @@ cdef inline void run_unit(const Job* job, Py_ssize_t u, int thread,
         elementwise_share(<const Elementwise*>job.args, u, a, b, out)
     elif job.task == TASK_FORWARD_CHANNEL:
         forward_channel(<const FusedChannels*>job.args, u, a, out)
+    elif job.task == TASK_MASKED_GRAD_INPUT:
+        masked_grad_input_rows(<const MaskedGradInput*>job.args, u, a, b, out)
     else:
         backward_channel(<const FusedChannels*>job.args, u, a, b, out)
 
@@ -1172,23 +1452,38 @@ cdef int forward_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
                       double* invstd,        # OUT (C,)
                       floating* yp,          # OUT, may be xp itself
                       bint relu,
+                      const unsigned char* valid,  # IN (outer, inner) or NULL: all
+                      double count,          # positions valid, when ``valid``
                       int num_threads) noexcept nogil:
     """y = (x - mean) * invstd * weight + bias, with the batch statistics
-    (computed here) or given running ones; then max(y, 0) with relu. Returns 0,
-    or -1 when scratch space cannot be allocated."""
+    (computed here, over the positions ``valid`` marks when it is given) or
+    given running ones; then max(y, 0) with relu. Every position is
+    normalized. Returns 0, or -1 when scratch space cannot be allocated."""
     cdef Py_ssize_t c
     cdef double* scale
+    cdef double* shift = NULL
     cdef int status
     cdef FusedChannels f
     cdef bint stream = streams(outer * C * inner * sizeof(floating))
+    if not batch_stats:
+        valid = NULL
     if batch_stats and fuses(outer, C, inner, sizeof(floating)):
         f.outer, f.C, f.inner = outer, C, inner
         f.weight, f.bias, f.eps, f.relu, f.stream = weight, bias, eps, relu, stream
         f.out_a, f.out_b, f.out_c = mean, var, invstd
+        f.valid, f.count = valid, count
+        if valid != NULL:
+            shift = <double*>malloc(C * sizeof(double))
+            if shift == NULL:
+                return -1
+            masked_shifts(xp, valid, outer, C, inner, shift)
+        f.shift = shift
         run_fused(TASK_FORWARD_CHANNEL, &f, xp, xp, yp, num_threads)
+        free(shift)
         return 0
     if batch_stats:
-        status = batch_stats_impl(xp, outer, C, inner, mean, var, num_threads)
+        status = batch_stats_impl(xp, outer, C, inner, valid, count, mean, var,
+                                  num_threads)
         if status < 0:
             return status
     scale = <double*>malloc(C * sizeof(double))
@@ -1210,14 +1505,18 @@ cdef int grad_input_from_sums_impl(const floating* dyp, const floating* xp,
                                    const double* weight,   # IN (C,)
                                    const double* sum_dy,   # IN (C,): sum of dy
                                    const double* dotp,     # IN (C,): sum of (x - mean) * dy
-                                   double count,           # values per channel the sums
-                                                           # and statistics cover
+                                   const unsigned char* valid,  # IN (outer, inner), or
+                                                                # NULL: all valid
+                                   double count,           # values per channel the
+                                                           # statistics cover
                                    floating* dxp,          # OUT, may be dyp or xp itself
                                    int num_threads) noexcept nogil:
-    """Training-mode input gradient from per-channel sums that may cover more
-    than this block (SyncBatchNorm's, summed over processes): dx = (dy -
-    sum_dy / count - (x - mean) * dotp * invstd^2 / count) * invstd * weight.
-    Returns 0, or -1 when scratch space cannot be allocated."""
+    """Training-mode input gradient from per-channel sums over every position
+    (which may cover more than this block: SyncBatchNorm's, summed over
+    processes): dx = (dy - sum_dy / count - (x - mean) * dotp * invstd^2 /
+    count) * invstd * weight, where the statistics came from; with a mask,
+    dy * invstd * weight at the masked positions. Returns 0, or -1 when
+    scratch space cannot be allocated."""
     cdef Py_ssize_t c
     cdef int status
     cdef double* s = <double*>malloc(3 * C * sizeof(double))  # scale, mean_dy, proj
@@ -1227,6 +1526,11 @@ cdef int grad_input_from_sums_impl(const floating* dyp, const floating* xp,
         s[c] = invstd[c] * weight[c]
         s[C + c] = sum_dy[c] / count
         s[2 * C + c] = dotp[c] * invstd[c] * invstd[c] / count
+    if valid != NULL:
+        masked_grad_input_impl(dyp, xp, outer, C, inner, valid, mean, s + C, s + 2 * C, s,
+                               dxp, num_threads)
+        free(s)
+        return 0
     status = grad_input_impl(dyp, xp, outer, C, inner, mean, s + C, s + 2 * C, s, dxp,
                              streams(outer * C * inner * sizeof(floating)), num_threads)
     free(s)
@@ -1239,6 +1543,9 @@ cdef int backward_impl(const floating* dyp, const floating* xp, Py_ssize_t outer
                        const double* invstd,   # IN (C,): the forward's
                        const double* weight,   # IN (C,)
                        bint training,
+                       const unsigned char* valid,  # IN (outer, inner) or NULL: the
+                       double count,           # positions (count of them) the forward's
+                                               # statistics came from, when training
                        double* sum_dy,         # OUT (C,): sum of dy
                        double* dotp,           # OUT (C,): sum of (x - mean) * dy
                        floating* dxp,          # OUT, may be dyp or xp itself
@@ -1252,7 +1559,9 @@ cdef int backward_impl(const floating* dyp, const floating* xp, Py_ssize_t outer
     cdef int status
     cdef FusedChannels f
     cdef bint stream = streams(outer * C * inner * sizeof(floating))
-    if fuses(outer, C, inner, 2 * sizeof(floating)):
+    if not training:
+        valid = NULL
+    if valid == NULL and fuses(outer, C, inner, 2 * sizeof(floating)):
         f.outer, f.C, f.inner = outer, C, inner
         f.mean, f.invstd, f.weight = mean, invstd, weight
         f.training, f.stream = training, stream
@@ -1264,8 +1573,9 @@ cdef int backward_impl(const floating* dyp, const floating* xp, Py_ssize_t outer
         return status
     if training:
         return grad_input_from_sums_impl(dyp, xp, outer, C, inner, mean, invstd, weight,
-                                         sum_dy, dotp, <double>(outer * inner), dxp,
-                                         num_threads)
+                                         sum_dy, dotp, valid,
+                                         count if valid != NULL else <double>(outer * inner),
+                                         dxp, num_threads)
     s = <double*>malloc(2 * C * sizeof(double))  # scale, zeros
     if s == NULL:
         return -1

@@ -25,6 +25,10 @@ cdef enum Walk:
 cdef enum ReduceKind:
     REDUCE_STATS      # per channel: mean and M2 (sum of squared deviations)
     REDUCE_GRAD_SUMS  # per channel: sum of dy and sum of (x - mean) * dy
+    # per channel, over the positions a mask marks valid: sum of d and of d * d,
+    # d = x - shift (a value of the channel's data, so the sums lose nothing to
+    # a large mean); partials add, as the gradient sums do
+    REDUCE_MASKED_SUMS
 
 
 cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -144,8 +148,9 @@ cdef inline void plan_reduction(ReducePlan* p,        # OUT
     p.part_b_at = p.n_chunks * p.cols
     end = 2 * p.n_chunks * p.cols
     p.mean_cols_at = -1
-    if kind == REDUCE_GRAD_SUMS and p.cols_per_channel > 1:
-        p.mean_cols_at = end  # for (N, C) the per-channel means serve as they are
+    if kind != REDUCE_STATS and p.cols_per_channel > 1:
+        # per-column means (or shifts); for (N, C) the per-channel ones serve
+        p.mean_cols_at = end
         end += p.cols
     p.thread_scratch_at = -1
     p.thread_scratch_len = 0
@@ -217,6 +222,7 @@ cdef enum Task:
     TASK_ELEMENTWISE       # a share of a SharePlan
     TASK_FORWARD_CHANNEL   # a channel of the fused training forward
     TASK_BACKWARD_CHANNEL  # a channel of the fused backward
+    TASK_MASKED_GRAD_INPUT  # a chunk of rows of the masked input gradient
 
 
 ctypedef struct Job:

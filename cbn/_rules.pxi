@@ -239,3 +239,36 @@ cdef object finish(View v):
         v.kernel = v.result   # the temporary is not kept
         v.convert = False
     return v.result
+
+
+# -- masks
+
+cdef tuple valid_positions(object mask, View v):
+    """``(valid, count)``: ``mask`` (True marks a valid position) as the
+    kernels read it, a new C-contiguous uint8 array of one byte per (outer,
+    inner) position of ``v``, and how many are valid; ``(None, 0)`` for no
+    mask. The mask must be boolean and broadcast to the input's shape without
+    its channel axis. A copy: a later change to the caller's mask cannot
+    reach a backward."""
+    if mask is None:
+        return None, 0
+    m = mask if cnp.PyArray_Check(mask) else _convert.to_numpy(mask)
+    if m.dtype != numpy.bool_:
+        raise TypeError(
+            f"mask must be a boolean array (True marks a valid position), got dtype "
+            f"{m.dtype}; convert it with mask.astype(bool) or a comparison"
+        )
+    shape = v.source.shape
+    positions = shape[:v.axis] + shape[v.axis + 1:]
+    if m.shape == positions:   # the usual mask: no broadcast view to build
+        valid = m.astype(numpy.uint8)
+        return valid, numpy.count_nonzero(valid)
+    try:
+        spread = numpy.broadcast_to(m, positions)
+    except ValueError:
+        raise ValueError(
+            f"mask has shape {m.shape}, which does not broadcast to {positions}: the "
+            f"input's shape {shape} without its channel axis {v.axis}"
+        ) from None
+    valid = spread.astype(numpy.uint8)
+    return valid, numpy.count_nonzero(valid)

@@ -62,6 +62,7 @@ cdef class View:
     cdef object converted_dtype   # results' dtype when data is a converted copy
     cdef object compute_dtype     # the copy's dtype, until it is made
     cdef Block b
+    cdef int axis                 # the channel axis, in [0, ndim)
     # The call's output, set by output_for (_rules.pxi)
     cdef object result            # what the caller gets
     cdef object kernel            # where the kernels write
@@ -143,6 +144,7 @@ cdef View view_of(object x, object axis, Accepts accepts, str name, View v=None)
     for k in range(ax + 1, ndim):
         v.b.inner *= dims[k]
     v.b.C = dims[ax]
+    v.axis = ax
     return v
 
 

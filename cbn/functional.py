@@ -24,8 +24,8 @@ _PROPAGATE = kernels.NONFINITE_MODES["propagate"]
 
 
 def batch_stats(x: ArrayLike, *, axis: int = 1,
-                out: tuple[NDArray[Any], NDArray[Any]] | None = None
-                ) -> tuple[NDArray[Any], NDArray[Any]]:
+                out: tuple[NDArray[Any], NDArray[Any]] | None = None,
+                mask: ArrayLike | None = None) -> tuple[NDArray[Any], NDArray[Any]]:
     """Per-channel mean and biased variance of ``x`` over every axis but ``axis``.
 
     Parameters
@@ -36,7 +36,7 @@ def batch_stats(x: ArrayLike, *, axis: int = 1,
         The channel axis.
     out : pair of ndarray, keyword-only, optional
         Two (C,) arrays of ``x``'s dtype to write and return instead.
-    mask : array_like of bool, optional
+    mask : array_like of bool, keyword-only, optional
         Valid positions: a boolean array that broadcasts to ``x``'s shape
         with the channel axis removed ((N, L) or (N, 1) for (N, C, L) input,
         (N,) for (N, C)); True marks a valid position. Only valid positions count;
@@ -64,14 +64,15 @@ def batch_stats(x: ArrayLike, *, axis: int = 1,
     --------
     >>> mean, var = cbn.batch_stats(x)          # x of shape (N, C, H, W)
     """
-    return kernels.stats(x, axis, out)
+    return kernels.stats(x, axis, out, mask)
 
 
 def batch_norm(x: ArrayLike, running_mean: ArrayLike | None, running_var: ArrayLike | None,
                weight: ArrayLike | None = None, bias: ArrayLike | None = None,
                training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
                axis: int = 1, out: NDArray[Any] | None = None,
-               activation: Literal["relu"] | None = None) -> NDArray[Any]:
+               activation: Literal["relu"] | None = None,
+               mask: ArrayLike | None = None) -> NDArray[Any]:
     """Batch normalization with the meaning of ``torch.nn.functional.batch_norm``.
 
     Parameters
@@ -100,13 +101,13 @@ def batch_norm(x: ArrayLike, running_mean: ArrayLike | None, running_var: ArrayL
         (a backward would need the input).
     activation : None or "relu", keyword-only
         "relu" applies max(y, 0) in the same pass over memory.
-    mask : array_like of bool, optional
+    mask : array_like of bool, keyword-only, optional
         Valid positions: a boolean array that broadcasts to ``x``'s shape
         with the channel axis removed ((N, L) or (N, 1) for (N, C, L) input,
         (N,) for (N, C)); True marks a valid position. In training the batch
         statistics and the running update (its count too) use the valid
-        positions only; the output is computed at every position. Ignored
-        when ``training=False``.
+        positions only; the output is computed at every position. Checked
+        but not used when ``training=False``.
 
     Returns
     -------
@@ -127,14 +128,16 @@ def batch_norm(x: ArrayLike, running_mean: ArrayLike | None, running_var: ArrayL
     if training:
         return kernels.train_forward(x, axis, _ANY_INPUT, weight, bias, eps, running_mean,
                                      running_var, momentum, None, relu, _PROPAGATE,
-                                     out).output
+                                     out, False, 1, mask).output
+    if mask is not None:  # not used, but held to the same rules
+        kernels.check_mask(x, axis, mask)
     return kernels.eval_forward(x, axis, weight, bias, running_mean, running_var, eps,
                                 momentum, relu, out)
 
 
 def batch_norm_forward(x: ArrayLike, weight: ArrayLike | None = None,
                        bias: ArrayLike | None = None, eps: float = 1e-5, *, axis: int = 1,
-                       out: NDArray[Any] | None = None
+                       out: NDArray[Any] | None = None, mask: ArrayLike | None = None
                        ) -> tuple[NDArray[Any], NDArray[np.float64], NDArray[np.float64]]:
     """Training-mode forward that returns what the backward pass needs.
 
@@ -150,7 +153,7 @@ def batch_norm_forward(x: ArrayLike, weight: ArrayLike | None = None,
         The channel axis.
     out : ndarray, keyword-only, optional
         A C-contiguous array of ``x``'s shape and dtype to write (not ``x``).
-    mask : array_like of bool, optional
+    mask : array_like of bool, keyword-only, optional
         Valid positions: a boolean array that broadcasts to ``x``'s shape
         with the channel axis removed ((N, L) or (N, 1) for (N, C, L) input,
         (N,) for (N, C)); True marks a valid position. The statistics use the
@@ -176,13 +179,13 @@ def batch_norm_forward(x: ArrayLike, weight: ArrayLike | None = None,
     No running statistics are involved; keep them with :func:`batch_norm`
     or a :class:`BatchNorm` layer.
     """
-    return kernels.forward_stats(x, axis, weight, bias, eps, out)
+    return kernels.forward_stats(x, axis, weight, bias, eps, out, mask)
 
 
 def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
                         save_invstd: ArrayLike, weight: ArrayLike | None = None, *,
                         axis: int = 1, training: bool = True,
-                        out: NDArray[Any] | None = None
+                        out: NDArray[Any] | None = None, mask: ArrayLike | None = None
                         ) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
     """Gradients of batch normalization.
 
@@ -207,7 +210,7 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
     out : ndarray, keyword-only, optional
         A C-contiguous array of ``x``'s shape and dtype to write ``dx`` into
         (``dy`` itself works in place).
-    mask : array_like of bool, optional
+    mask : array_like of bool, keyword-only, optional
         Valid positions: a boolean array that broadcasts to ``x``'s shape
         with the channel axis removed ((N, L) or (N, 1) for (N, C, L) input,
         (N,) for (N, C)); True marks a valid position. The mask the forward used:
@@ -228,4 +231,4 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
     TypeError
         A dtype or kind cbn does not take.
     """
-    return kernels.backward(dy, x, axis, save_mean, save_invstd, weight, training, out)
+    return kernels.backward(dy, x, axis, save_mean, save_invstd, weight, training, out, mask)

@@ -303,7 +303,8 @@ class BatchNorm(ChannelLayer):
 
     # -- forward and backward
 
-    def forward(self, x: ArrayLike, out: NDArray[Any] | None = None) -> NDArray[Any]:
+    def forward(self, x: ArrayLike, out: NDArray[Any] | None = None, *,
+                mask: ArrayLike | None = None) -> NDArray[Any]:
         """Normalize ``x`` with batch statistics (training) or the running
         statistics (eval).
 
@@ -316,14 +317,14 @@ class BatchNorm(ChannelLayer):
             A C-contiguous array of ``x``'s shape and dtype to write instead
             of allocating. In eval mode it may be ``x`` itself (in place); in
             training mode it may not, since backward needs the input.
-        mask : array_like of bool, optional
+        mask : array_like of bool, keyword-only, optional
             Valid positions: a boolean array that broadcasts to ``x``'s
             shape with the channel axis removed ((N, L) or (N, 1) for
             (N, C, L) input, (N,) for (N, C)); True marks a valid position.
             In training the batch statistics and the running update (its
             count too) use the valid positions only; the output is computed
             at every position with those statistics. No valid position is
-            an empty batch. Eval mode ignores it.
+            an empty batch. Eval mode checks it and otherwise ignores it.
 
         Returns
         -------
@@ -333,10 +334,12 @@ class BatchNorm(ChannelLayer):
         Raises
         ------
         ValueError
-            Wrong rank or channel count, a bad ``out``, or one value per
-            channel in training.
+            Wrong rank or channel count, a bad ``out``, a ``mask`` that does
+            not broadcast to ``x``'s shape without the channel axis, or one
+            value per channel in training.
         TypeError
-            A dtype or kind of input cbn does not take.
+            A dtype or kind of input cbn does not take, or a non-boolean
+            ``mask``.
         FloatingPointError
             With ``nonfinite="raise"``, when batch statistics are not finite.
 
@@ -347,14 +350,16 @@ class BatchNorm(ChannelLayer):
         changes no state.
         """
         if self.training or self._running_mean is None:
-            record = self._forward_batch_stats(x, out)
+            record = self._forward_batch_stats(x, out, mask)
         else:
+            if mask is not None:  # not used, but held to the same rules
+                kernels.check_mask(x, self.axis, mask)
             record = kernels.normalize(x, self.axis, self._accepts, self._current_params(),
                                        self._relu, out)
         self._last = record
         return record.output
 
-    def _forward_batch_stats(self, x, out):
+    def _forward_batch_stats(self, x, out, mask=None):
         """forward with the batch's statistics: training mode, or eval mode
         without running statistics. An update of the running statistics
         counts the batch, empty ones included (as PyTorch 2.13)."""
@@ -362,7 +367,7 @@ class BatchNorm(ChannelLayer):
                   and self._running_mean is not None)
         with self._lock:  # the running statistics change whole or not at all
             record = kernels.train_forward(x, *self._batch_stats_arguments(update), out,
-                                           not self.training, self._running_var_ddof)
+                                           not self.training, self._running_var_ddof, mask)
             if update:
                 self.num_batches_tracked += 1
         return record
@@ -377,7 +382,8 @@ class BatchNorm(ChannelLayer):
                 self.num_batches_tracked if update else None, self._relu,
                 kernels.NONFINITE_MODES[self._nonfinite])
 
-    def __call__(self, x: ArrayLike, out: NDArray[Any] | None = None) -> NDArray[Any]:
+    def __call__(self, x: ArrayLike, out: NDArray[Any] | None = None, *,
+                 mask: ArrayLike | None = None) -> NDArray[Any]:
         """``layer(x)``: the same as :meth:`forward`.
 
         Parameters
@@ -386,21 +392,21 @@ class BatchNorm(ChannelLayer):
             The input, as in :meth:`forward`.
         out : ndarray, optional
             Where to write the output, as in :meth:`forward`.
-        mask : array_like of bool, optional
+        mask : array_like of bool, keyword-only, optional
             Valid positions: a boolean array that broadcasts to ``x``'s
             shape with the channel axis removed ((N, L) or (N, 1) for
             (N, C, L) input, (N,) for (N, C)); True marks a valid position.
             In training the batch statistics and the running update (its
             count too) use the valid positions only; the output is computed
             at every position with those statistics. No valid position is
-            an empty batch. Eval mode ignores it.
+            an empty batch. Eval mode checks it and otherwise ignores it.
 
         Returns
         -------
         ndarray
             ``y``, of ``x``'s shape and dtype.
         """
-        return self.forward(x, out)
+        return self.forward(x, out, mask=mask)
 
     def backward(self, dy: ArrayLike, out: NDArray[Any] | None = None) -> NDArray[Any]:
         """Gradient of the last forward's output -> gradient of its input.
@@ -474,10 +480,6 @@ class BatchNorm(ChannelLayer):
         progress : bool
             Show a progress bar (tqdm when installed, else a counter on
             stderr).
-        mask : iterable of boolean arrays, optional
-            One mask per batch of ``data``, in the same order, each as
-            :meth:`forward`'s ``mask``: only valid positions count. Not
-            allowed when ``data`` is a Moments object.
 
         Returns
         -------

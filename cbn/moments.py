@@ -90,7 +90,7 @@ class Moments:
     # -- from data
 
     @classmethod
-    def of(cls, x: ArrayLike, *, axis: int = 1) -> Self:
+    def of(cls, x: ArrayLike, *, axis: int = 1, mask: ArrayLike | None = None) -> Self:
         """The moments of one batch ``x`` over every axis but ``axis``.
 
         Parameters
@@ -100,7 +100,7 @@ class Moments:
             (it may be empty: count 0).
         axis : int, keyword-only
             The channel axis.
-        mask : array_like of bool, optional
+        mask : array_like of bool, keyword-only, optional
             Valid positions: a boolean array that broadcasts to ``x``'s
             shape with the channel axis removed ((N, L) or (N, 1) for
             (N, C, L) input, (N,) for (N, C)); True marks a valid position.
@@ -119,12 +119,13 @@ class Moments:
         TypeError
             A dtype cbn does not take, or a non-boolean ``mask``.
         """
-        count, mean, m2, _ = kernels.moments(x, axis)
+        count, mean, m2, _ = kernels.moments(x, axis, mask=mask)
         if mean.shape[0] == 0:
             raise ValueError(f"x has shape {np.shape(x)}: axis {axis} has no channels")
         return cls._of_parts(count, mean, m2)
 
-    def update(self, x: ArrayLike, *, axis: int = 1) -> Self:
+    def update(self, x: ArrayLike, *, axis: int = 1,
+               mask: ArrayLike | None = None) -> Self:
         """Merge the batch ``x`` into these moments in place.
 
         Parameters
@@ -133,7 +134,7 @@ class Moments:
             Data with ``num_features`` channels on ``axis``.
         axis : int, keyword-only
             The channel axis.
-        mask : array_like of bool, optional
+        mask : array_like of bool, keyword-only, optional
             Valid positions: a boolean array that broadcasts to ``x``'s
             shape with the channel axis removed ((N, L) or (N, 1) for
             (N, C, L) input, (N,) for (N, C)); True marks a valid position.
@@ -151,7 +152,7 @@ class Moments:
             wrong axis, a bad ``mask``; the object is then unchanged.
         """
         accepts = kernels.Accepts(2, 64, None, self._num_features, type(self).__name__)
-        count, mean, m2, _ = kernels.moments(x, axis, accepts)
+        count, mean, m2, _ = kernels.moments(x, axis, accepts, mask=mask)
         self._count, self._mean, self._m2 = merge_parts(
             (self._count, self._mean, self._m2), (count, mean, m2))
         self._freeze()

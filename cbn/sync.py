@@ -158,7 +158,8 @@ class SyncBatchNorm(BatchNorm):
 
     # -- forward and backward
 
-    def forward(self, x: ArrayLike, out: NDArray[Any] | None = None) -> NDArray[Any]:
+    def forward(self, x: ArrayLike, out: NDArray[Any] | None = None, *,
+                mask: ArrayLike | None = None) -> NDArray[Any]:
         """As :meth:`BatchNorm.forward`; in training mode every rank must
         call it, and the statistics are the global batch's.
 
@@ -168,7 +169,7 @@ class SyncBatchNorm(BatchNorm):
             This rank's part of the batch (it may be empty).
         out : ndarray, optional
             As in :meth:`BatchNorm.forward`.
-        mask : array_like of bool, optional
+        mask : array_like of bool, keyword-only, optional
             This rank's mask, as in :meth:`BatchNorm.forward`: the global
             statistics and count use every rank's valid positions only.
 
@@ -185,7 +186,7 @@ class SyncBatchNorm(BatchNorm):
             FloatingPointError); no rank's state changes.
         """
         if not self.training:
-            y = super().forward(x, out)
+            y = super().forward(x, out, mask=mask)
             self._global_count = None   # its backward is local (after success only)
             return y
         comm = self.comm
@@ -197,7 +198,7 @@ class SyncBatchNorm(BatchNorm):
             step = error = None
             try:
                 step = kernels.train_begin(x, *self._batch_stats_arguments(update), out,
-                                           row, self._running_var_ddof)
+                                           row, self._running_var_ddof, mask)
                 if self._nonfinite == "raise":
                     error = distributed.check_finite(row[2:C + 2], row[C + 2:])
             except Exception as caught:  # every rank must reach the collective
