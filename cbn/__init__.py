@@ -43,7 +43,9 @@ __all__ = [
 
 
 def show_config() -> None:
-    """Print how the compiled kernels were built and which build is in use."""
+    """Print how the compiled kernels were built and which build is in use:
+    cbn's version, the compiler, whether the thread pool is compiled in, the
+    SIMD builds compiled and the one in use, and the thread count."""
     import sysconfig
 
     from . import _dispatch

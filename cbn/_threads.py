@@ -33,6 +33,21 @@ def default_num_threads(environ=os.environ) -> int:
 def set_num_threads(n: int | None) -> None:
     """Set the number of threads the kernels use; ``None`` restores the default.
 
+    Parameters
+    ----------
+    n : int or None
+        From 1 to 256; None restores the default (``OMP_NUM_THREADS`` when
+        set, else the CPUs this process may run on).
+
+    Raises
+    ------
+    ValueError
+        ``n`` outside [1, 256].
+    TypeError
+        ``n`` is not an integer or None.
+
+    Notes
+    -----
     Results do not depend on this number: the kernels split their work by
     shape only and merge partial results in a fixed order. Inside
     ``threadpoolctl.threadpool_limits(k)`` the limit applies instead, and
@@ -50,8 +65,14 @@ def set_num_threads(n: int | None) -> None:
 
 
 def get_num_threads() -> int:
-    """Number of threads the kernels use (the default unless set; 1 in a
-    build without threads)."""
+    """Number of threads the kernels use.
+
+    Returns
+    -------
+    int
+        The default unless :func:`set_num_threads` set another; 1 in a
+        build without threads.
+    """
     return kernels.thread_count()
 
 

@@ -18,7 +18,28 @@ MODES = ("population", "batch_average")
 
 def calibrate(layer: Any, data: Any, *, mode: str, comm: Any, progress: bool,
               mask: Any = None) -> Moments:
-    """See BatchNorm.calibrate."""
+    """The work of :meth:`cbn.BatchNorm.calibrate` (see it for the meaning).
+
+    Parameters
+    ----------
+    layer : BatchNorm
+        The layer whose running statistics are set.
+    data : iterable of array_like or (array_like, mask) pairs, or Moments
+        The batches, or their moments.
+    mode : "population" or "batch_average"
+        How the running statistics are formed.
+    comm : MPI communicator or None
+        Merge over its ranks.
+    progress : bool
+        Show a progress bar.
+    mask : array_like of bool, optional
+        The mask of every batch given without its own.
+
+    Returns
+    -------
+    Moments
+        The moments of all the data.
+    """
     owner = f"{type(layer).__name__}.calibrate"
     if layer.running_mean is None:
         raise ValueError(f"{owner} needs running statistics; this layer has "
@@ -57,7 +78,18 @@ class Scan:
     """What calibrate learns from a rank's data: the moments of all of it,
     and for mode="batch_average" the number of non-empty batches and the sums
     of their means and variances (with the layer's ddof), or the error its
-    data raised."""
+    data raised.
+
+    Parameters
+    ----------
+    C : int
+        The channel count.
+    error : BaseException, optional
+        The error this rank's data raised.
+    ddof : int
+        The variance's delta degrees of freedom (the layer's
+        running_var_ddof).
+    """
 
     def __init__(self, C, error=None, ddof=1):
         self.ddof = ddof
@@ -67,6 +99,15 @@ class Scan:
         self.error = error
 
     def add(self, count, mean, m2):
+        """Merge one non-empty batch's moments.
+
+        Parameters
+        ----------
+        count : int
+            Values per channel of the batch.
+        mean, m2 : ndarray of shape (C,)
+            Its per-channel mean and sum of squared deviations.
+        """
         self.moments = merge_parts(self.moments, (count, mean, m2))
         self.batches += 1
         self.sum_means = self.sum_means + mean

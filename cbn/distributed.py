@@ -58,6 +58,13 @@ class DistributedError(RuntimeError):
     failing rank's own error had (ValueError, TypeError, FloatingPointError),
     so ``except ValueError`` works the same on every rank.
 
+    Parameters
+    ----------
+    message : str
+        The text, naming every failing rank and its reason.
+    failures : dict of int to str
+        The failing ranks and their reasons ("TypeName: message").
+
     Attributes
     ----------
     failures : dict of int to str
@@ -79,7 +86,28 @@ _ERROR_CLASSES = {base.__name__: _error_class(base)
 
 
 def resolve_comm(comm: Any, owner: str) -> Any:
-    """``comm``, or mpi4py's COMM_WORLD for None; checks the methods used."""
+    """The communicator to use, checked.
+
+    Parameters
+    ----------
+    comm : MPI communicator or None
+        mpi4py's, or any object with its ``Allgather``, ``Allreduce``,
+        ``Get_rank`` and ``Get_size``; None for mpi4py's ``COMM_WORLD``.
+    owner : str
+        The caller's name, for messages.
+
+    Returns
+    -------
+    communicator
+        ``comm``, or ``COMM_WORLD``.
+
+    Raises
+    ------
+    TypeError
+        ``comm`` lacks one of the four methods.
+    ImportError
+        ``comm`` is None and mpi4py is not installed.
+    """
     if comm is None:
         try:
             from mpi4py import MPI
@@ -261,6 +289,15 @@ def batch_stats(x: ArrayLike, comm: Any, *, axis: int = 1,
     -------
     Moments
         Of all ranks' data, merged in rank order.
+
+    Raises
+    ------
+    DistributedError
+        On every rank, when any rank's ``x`` was refused or the ranks'
+        channel counts or dtypes differ (also an instance of the builtin
+        error of the lowest failing rank).
+    ValueError
+        A bad ``reduction``.
     """
     owner = "cbn.distributed.batch_stats"
     comm = resolve_comm(comm, owner)

@@ -59,10 +59,21 @@ def fold_into_linear(weight: ArrayLike, bias: ArrayLike | None, layer: _Foldable
 
     Returns
     -------
-    (weight, bias) : new ndarrays of shapes (out, in) and (out,), in the dtype
-        of ``weight``; the bias is an array even when ``bias`` is None. The
+    weight, bias : ndarray
+        New arrays of shapes (out, in) and (out,), in the dtype of
+        ``weight``; the bias is an array even when ``bias`` is None. The
         inputs are not modified.
 
+    Raises
+    ------
+    ValueError
+        The layer is in training mode or has no running statistics or has a
+        fused activation, ``weight`` is not 2D, or the channel counts differ.
+    TypeError
+        A weight or bias of a dtype other than float16, float32, float64.
+
+    Notes
+    -----
     With ``(scale, shift) = layer.fold()``: "after" gives
     ``weight * scale[:, None]`` and ``bias * scale + shift``; "before" gives
     ``weight * scale[None, :]`` and ``bias + weight @ shift``.
@@ -129,10 +140,23 @@ def fold_into_conv(weight: ArrayLike, bias: ArrayLike | None, layer: _Foldable, 
 
     Returns
     -------
-    (weight, bias) : new ndarrays of the weight's shape and (out,), in the
-        dtype of ``weight``; the bias is an array even when ``bias`` is None.
-        The inputs are not modified.
+    weight, bias : ndarray
+        New arrays of the weight's shape and (out,), in the dtype of
+        ``weight``; the bias is an array even when ``bias`` is None. The
+        inputs are not modified.
 
+    Raises
+    ------
+    ValueError
+        The layer is in training mode or has no running statistics or has a
+        fused activation, the weight has fewer than 3 dimensions, ``groups``
+        does not divide it, or the channel counts differ.
+    TypeError
+        A weight or bias of a dtype other than float16, float32, float64, or
+        a non-bool ``transposed``.
+
+    Notes
+    -----
     Output channel ``o`` of the convolution is scaled by ``scale[o]`` and its
     bias becomes ``bias[o] * scale[o] + shift[o]``, with
     ``(scale, shift) = layer.fold()``. Stride, padding and dilation do not

@@ -38,8 +38,40 @@ class FrozenBatchNorm(ChannelLayer):
     as ``FrozenBatchNorm.from_state_dict(state_dict)``. The state dict needs
     ``running_mean`` and ``running_var``; ``weight`` and ``bias`` are optional
     (1 and 0); ``bias=False`` (PyTorch 2.13's weight without a bias) refuses
-    a ``bias`` entry. The dtype (unless given) is float64 when all the arrays
-    are, else float32.
+    a ``bias`` entry.
+
+    Parameters
+    ----------
+    state_dict : mapping of str to array_like
+        ``running_mean`` and ``running_var`` (required), ``weight`` and
+        ``bias`` (optional), ``num_batches_tracked`` (kept, unused).
+    prefix : str, keyword-only
+        Selects one batch norm in a whole model's state dict.
+    eps : float, keyword-only
+        Added to the variance before the square root (> 0).
+    axis : int, keyword-only
+        The channel axis.
+    activation : None or "relu", keyword-only
+        "relu" applies max(y, 0) in the same pass.
+    dtype : float32, float64 or None, keyword-only
+        None: float64 when all the arrays are, else float32.
+    bias : bool, keyword-only
+        False: a weight without a bias; a ``bias`` entry is then refused.
+
+    Attributes
+    ----------
+    scale, shift : ndarray of shape (C,)
+        Read-only, in ``dtype``.
+    num_features, axis, eps, dtype, activation
+        Read-only settings.
+    training : bool
+        Always False.
+
+    Raises
+    ------
+    ValueError
+        No running statistics, a ``bias`` entry with ``bias=False``, arrays
+        of different lengths, or eps <= 0.
     """
 
     def __init__(self, state_dict: Mapping[str, ArrayLike], *, prefix: str = "",
@@ -91,8 +123,19 @@ class FrozenBatchNorm(ChannelLayer):
     @classmethod
     def of_layer(cls, layer: BatchNorm) -> Self:
         """The frozen form of a :class:`cbn.BatchNorm` (what its ``freeze()``
-        returns): its current state, eps, axis, activation, dtype, bias
-        setting and accepted ranks."""
+        returns).
+
+        Parameters
+        ----------
+        layer : BatchNorm
+            A layer with running statistics, in either mode.
+
+        Returns
+        -------
+        FrozenBatchNorm
+            With the layer's current state, eps, axis, activation, dtype,
+            bias setting and accepted ranks.
+        """
         frozen = cls(layer.state_dict(), eps=layer.eps, axis=layer.axis,
                      activation=layer.activation, dtype=layer.dtype,
                      bias=layer._bias_enabled)
@@ -106,7 +149,18 @@ class FrozenBatchNorm(ChannelLayer):
                         activation: Literal["relu"] | None = None,
                         dtype: DTypeLike | None = None, bias: bool = True) -> Self:
         """The same as ``FrozenBatchNorm(state_dict, ...)``, named like
-        :meth:`cbn.BatchNorm.from_state_dict`."""
+        :meth:`cbn.BatchNorm.from_state_dict`.
+
+        Parameters
+        ----------
+        state_dict, prefix, eps, axis, activation, dtype, bias
+            As in :class:`FrozenBatchNorm`.
+
+        Returns
+        -------
+        FrozenBatchNorm
+            The frozen layer.
+        """
         return cls(state_dict, prefix=prefix, eps=eps, axis=axis, activation=activation,
                    dtype=dtype, bias=bias)
 
@@ -114,14 +168,17 @@ class FrozenBatchNorm(ChannelLayer):
 
     @property
     def eps(self) -> float:
+        """Added to the variance before the square root (read-only)."""
         return self._eps
 
     @property
     def dtype(self) -> np.dtype[np.floating[Any]]:
+        """float32 or float64: the dtype of scale, shift and the state."""
         return self._dtype
 
     @property
     def activation(self) -> Literal["relu"] | None:
+        """None, or "relu" when a ReLU is fused after the normalization."""
         return "relu" if self._relu else None
 
     @property
@@ -143,20 +200,58 @@ class FrozenBatchNorm(ChannelLayer):
 
     def forward(self, x: ArrayLike, out: NDArray[Any] | None = None) -> NDArray[Any]:
         """``x * scale + shift`` along the channel axis (then ReLU with
-        activation="relu"). ``out``: a C-contiguous array of x's shape and
-        dtype to write instead of allocating; ``x`` itself works in place."""
+        activation="relu"), computed as ``(x - running_mean) * scale + bias``.
+
+        Parameters
+        ----------
+        x : array_like
+            Input with ``num_features`` channels on ``axis``.
+        out : ndarray, optional
+            A C-contiguous array of x's shape and dtype to write instead of
+            allocating; ``x`` itself works in place.
+
+        Returns
+        -------
+        ndarray
+            ``y``, of ``x``'s shape and dtype.
+
+        Raises
+        ------
+        ValueError
+            Wrong rank or channel count, or a bad ``out``.
+        TypeError
+            A dtype or kind cbn does not take.
+        """
         y = kernels.normalize(x, self.axis, self._accepts, self._params, self._relu,
                               out).output
         if self._relu:
             self._saved_output = y
         return y
 
-    __call__ = forward
+    __call__ = forward   # the same function, hence the same docstring
 
     def backward(self, dy: ArrayLike, out: NDArray[Any] | None = None) -> NDArray[Any]:
         """Gradient of the output -> gradient of the input: ``dy * scale``,
-        and 0 where the fused ReLU clipped the last forward's output (written
-        into ``out`` when given; ``dy`` itself works in place)."""
+        and 0 where the fused ReLU clipped the last forward's output.
+
+        Parameters
+        ----------
+        dy : array_like
+            The gradient of the output, channels on ``axis``.
+        out : ndarray, optional
+            Where to write ``dx``; ``dy`` itself works in place.
+
+        Returns
+        -------
+        ndarray
+            ``dx``, of ``dy``'s shape and dtype.
+
+        Raises
+        ------
+        ValueError
+            Wrong channel count, a bad ``out``, or with activation="relu" no
+            forward yet (or ``dy`` not of the last output's shape).
+        """
         if self._relu and self._saved_output is None:
             raise ValueError(
                 f"{type(self).__name__}.backward with activation='relu' needs "
@@ -168,13 +263,24 @@ class FrozenBatchNorm(ChannelLayer):
     # -- state
 
     def state_dict(self) -> dict[str, NDArray[Any]]:
-        """Copies of the arrays it was built from, with the keys of the layer
-        it came from."""
+        """Copies of the arrays it was built from.
+
+        Returns
+        -------
+        dict of str to ndarray
+            With the keys of the layer it came from (no prefix).
+        """
         return {key: value.copy() for key, value in self._state.items()}
 
     def fold(self) -> tuple[NDArray[np.floating[Any]], NDArray[np.floating[Any]]]:
-        """``(scale, shift)``, copies in dtype, as :meth:`cbn.BatchNorm.fold`
-        (the affine part: a fused ReLU is not included)."""
+        """The per-channel affine map, as :meth:`cbn.BatchNorm.fold`.
+
+        Returns
+        -------
+        scale, shift : ndarray of shape (C,)
+            Writable copies in ``dtype`` (the affine part: a fused ReLU is
+            not included).
+        """
         return self._scale.copy(), self._shift.copy()
 
     def __getstate__(self) -> dict[str, Any]:

@@ -76,7 +76,8 @@ class BatchNorm(ChannelLayer):
     y = (x - mean) / sqrt(var + eps) * weight + bias, per channel, where in
     training mean and var are the batch's (biased) statistics and running
     averages of them are kept; in eval mode the running averages are used.
-    Semantics follow ``torch.nn.BatchNorm*d``; see the README.
+    Semantics follow ``torch.nn.BatchNorm*d``; every rule is in the
+    repository's docs/semantics.md.
 
     Parameters
     ----------
@@ -104,11 +105,6 @@ class BatchNorm(ChannelLayer):
     activation : None or "relu", keyword-only
         "relu" applies max(y, 0) in the same pass over memory; backward then
         zeroes the gradient where the output was clipped (y <= 0).
-    running_var_ddof : 0 or 1, keyword-only
-        The variance the running average keeps: 1 (default) the unbiased
-        batch variance, as PyTorch; 0 the biased one (the convention Keras,
-        Flax and ONNX document). Normalization always uses the biased batch
-        variance.
     nonfinite : "propagate", "raise" or "skip", keyword-only
         What a forward with batch statistics does when a channel's statistics
         are not finite (NaN or inf in the input): "propagate" them into the
@@ -116,10 +112,54 @@ class BatchNorm(ChannelLayer):
         naming the channels before any of the layer's state changes; or
         "skip" those channels' running-statistics update (the output is
         computed, NaN where the input was).
+    running_var_ddof : 0 or 1, keyword-only
+        The variance the running average keeps: 1 (default) the unbiased
+        batch variance, as PyTorch; 0 the biased one (the convention Keras,
+        Flax and ONNX document). Normalization always uses the biased batch
+        variance.
 
+    Attributes
+    ----------
+    weight, bias : ndarray of shape (C,), or None
+        The learned scale (init 1) and shift (init 0), in ``dtype``; None
+        when ``affine=False`` (``bias`` also with ``bias=False``). Assigning
+        checks the shape and converts to ``dtype``.
+    running_mean, running_var : ndarray of shape (C,), or None
+        The running averages used in eval mode (init 0 and 1), in ``dtype``;
+        None when built with ``track_running_stats=False``. Assignable as
+        ``weight``.
+    num_batches_tracked : int or None
+        Batches counted by the running-statistics update (empty ones
+        included); None without running statistics.
+    training : bool
+        True in training mode (the default), False after :meth:`eval`.
+    grad_weight, grad_bias : ndarray of shape (C,), or None
+        Gradients of the last :meth:`backward`, in ``dtype``; None before
+        one and when the layer has no weight (or no bias).
+    affine : bool
+        Whether the layer has a weight (and, unless ``bias=False``, a bias).
+    track_running_stats : bool
+        Whether training updates the running statistics. Setting it to False
+        later freezes them in training; eval mode still uses them.
+    dtype : numpy.dtype
+        float32 or float64: the dtype of the parameters and buffers.
+    num_features, axis : int
+        The channel count C and the channel axis, read-only.
+    eps, momentum, activation, nonfinite, running_var_ddof
+        The hyper-parameters above, checked when assigned.
+
+    Notes
+    -----
     Calls from several Python threads are safe: eval calls run in parallel
     (kernels release the GIL) and training calls take a per-layer lock, so the
     running statistics are updated whole.
+
+    Examples
+    --------
+    >>> layer = cbn.BatchNorm2d(16)
+    >>> y = layer(x)                     # training: batch statistics
+    >>> dx = layer.backward(dy)          # sets grad_weight, grad_bias
+    >>> y_eval = layer.eval()(x)         # inference: running statistics
     """
 
     weight = _ChannelArray()
@@ -180,6 +220,7 @@ class BatchNorm(ChannelLayer):
 
     @property
     def eps(self) -> float:
+        """Added to the variance before the square root: a finite float > 0."""
         return self._eps
 
     @eps.setter
@@ -188,6 +229,8 @@ class BatchNorm(ChannelLayer):
 
     @property
     def momentum(self) -> float | None:
+        """Weight of a new batch in the running averages, in [0, 1]; None
+        for the cumulative average (weight ``1 / num_batches_tracked``)."""
         return self._momentum
 
     @momentum.setter
@@ -225,23 +268,86 @@ class BatchNorm(ChannelLayer):
     # -- modes
 
     def train(self, mode: bool = True) -> Self:
+        """Switch to training mode (or to eval mode with ``mode=False``).
+
+        Parameters
+        ----------
+        mode : bool
+            True for training (batch statistics, running update), False for
+            eval (running statistics, no state change).
+
+        Returns
+        -------
+        Self
+            The layer itself, so that ``layer.train()(x)`` chains.
+
+        Raises
+        ------
+        TypeError
+            ``mode`` is not a bool.
+        """
         if not isinstance(mode, (bool, np.bool_)):
             raise TypeError(f"training mode is expected to be a bool, got {type(mode).__name__}")
         self.training = bool(mode)
         return self
 
     def eval(self) -> Self:
+        """Switch to eval mode: the same as ``train(False)``.
+
+        Returns
+        -------
+        Self
+            The layer itself.
+        """
         return self.train(False)
 
     # -- forward and backward
 
     def forward(self, x: ArrayLike, out: NDArray[Any] | None = None, *,
                 mask: ArrayLike | None = None) -> NDArray[Any]:
-        """Normalize ``x``; returns an array of ``x``'s shape and dtype.
+        """Normalize ``x`` with batch statistics (training) or the running
+        statistics (eval).
 
-        ``out``: a C-contiguous array of that shape and dtype to write instead
-        of allocating. In eval mode it may be ``x`` itself (in place); in
-        training mode it may not, since backward needs the input.
+        Parameters
+        ----------
+        x : array_like
+            Input with ``num_features`` channels on ``axis``, of a rank the
+            class accepts, float16, bfloat16, float32 or float64.
+        out : ndarray, optional
+            A C-contiguous array of ``x``'s shape and dtype to write instead
+            of allocating. In eval mode it may be ``x`` itself (in place); in
+            training mode it may not, since backward needs the input.
+        mask : array_like of bool, keyword-only, optional
+            Valid positions: a boolean array that broadcasts to ``x``'s
+            shape with the channel axis removed ((N, L) or (N, 1) for
+            (N, C, L) input, (N,) for (N, C)); True marks a valid position.
+            In training the batch statistics and the running update (its
+            count too) use the valid positions only; the output is computed
+            at every position with those statistics. No valid position is
+            an empty batch. Eval mode checks it and otherwise ignores it.
+
+        Returns
+        -------
+        ndarray
+            ``y``, of ``x``'s shape and dtype (``out`` when given).
+
+        Raises
+        ------
+        ValueError
+            Wrong rank or channel count, a bad ``out``, a ``mask`` that does
+            not broadcast to ``x``'s shape without the channel axis, or one
+            value per channel in training.
+        TypeError
+            A dtype or kind of input cbn does not take, or a non-boolean
+            ``mask``.
+        FloatingPointError
+            With ``nonfinite="raise"``, when batch statistics are not finite.
+
+        Notes
+        -----
+        In training the running statistics are updated with ``momentum``
+        and ``num_batches_tracked`` counts the batch; a call that raises
+        changes no state.
         """
         if self.training or self._running_mean is None:
             record = self._forward_batch_stats(x, out, mask)
@@ -278,16 +384,63 @@ class BatchNorm(ChannelLayer):
 
     def __call__(self, x: ArrayLike, out: NDArray[Any] | None = None, *,
                  mask: ArrayLike | None = None) -> NDArray[Any]:
+        """``layer(x)``: the same as :meth:`forward`.
+
+        Parameters
+        ----------
+        x : array_like
+            The input, as in :meth:`forward`.
+        out : ndarray, optional
+            Where to write the output, as in :meth:`forward`.
+        mask : array_like of bool, keyword-only, optional
+            Valid positions: a boolean array that broadcasts to ``x``'s
+            shape with the channel axis removed ((N, L) or (N, 1) for
+            (N, C, L) input, (N,) for (N, C)); True marks a valid position.
+            In training the batch statistics and the running update (its
+            count too) use the valid positions only; the output is computed
+            at every position with those statistics. No valid position is
+            an empty batch. Eval mode checks it and otherwise ignores it.
+
+        Returns
+        -------
+        ndarray
+            ``y``, of ``x``'s shape and dtype.
+        """
         return self.forward(x, out, mask=mask)
 
     def backward(self, dy: ArrayLike, out: NDArray[Any] | None = None) -> NDArray[Any]:
-        """Gradient of the last forward's output -> gradient of its input
-        (written into ``out`` when given, as in forward).
+        """Gradient of the last forward's output -> gradient of its input.
 
+        Parameters
+        ----------
+        dy : array_like
+            The gradient of the loss with respect to the last forward's
+            output, of its shape.
+        out : ndarray, optional
+            A C-contiguous array of that shape and the input's dtype to
+            write instead of allocating; ``dy`` itself works in place.
+
+        Returns
+        -------
+        ndarray
+            ``dx``, the gradient with respect to the last forward's input,
+            in its dtype.
+
+        Raises
+        ------
+        ValueError
+            No forward yet, ``dy`` of the wrong shape, a bad ``out``, or the
+            last forward wrote over its input (``out=x``).
+
+        Notes
+        -----
         Also sets ``grad_weight`` and ``grad_bias`` (None when affine=False;
         grad_bias None when bias=False). After a training-mode forward the
-        batch statistics' dependence on the input is included; after an
-        eval-mode forward they are constants.
+        batch statistics' dependence on the input is included (with a mask,
+        the exact gradient of the masked forward, masked positions
+        included); after an eval-mode forward they are constants. The
+        forward's input is kept by reference: changing it in place before
+        the backward changes the gradient.
         """
         if self._last is None:
             raise ValueError(f"{type(self).__name__}.backward called before any forward")
@@ -309,9 +462,11 @@ class BatchNorm(ChannelLayer):
 
         Parameters
         ----------
-        data : iterable of arrays, or Moments
+        data : iterable of arrays or of (array, mask) pairs, or Moments
             Batches in the layer's layout (any float dtype), or the moments
-            of the data (e.g. from :func:`cbn.dask.moments`).
+            of the data (e.g. from :func:`cbn.dask.moments`). A batch given
+            as a tuple ``(x, mask)`` counts only the positions its mask marks
+            True (the mask as :meth:`forward`'s).
         mode : "population" or "batch_average"
             "population": ``running_mean`` and ``running_var`` become the
             mean and the unbiased variance (count - 1; the biased one with
@@ -328,17 +483,29 @@ class BatchNorm(ChannelLayer):
         progress : bool
             Show a progress bar (tqdm when installed, else a counter on
             stderr).
+        mask : array_like of bool, optional
+            One mask for every batch given without its own (a batch given as
+            an ``(x, mask)`` pair and ``mask=`` as well raise ValueError);
+            not allowed with a Moments object.
 
         Returns
         -------
         Moments
             The moments of all the data (over all ranks with ``comm``).
 
+        Raises
+        ------
+        ValueError, TypeError, FloatingPointError
+            A bad batch (wrong shape or dtype, non-finite data with
+            ``nonfinite="raise"``), named by its index; a layer without
+            running statistics; a bad ``mode``. Over ``comm``, every rank
+            raises :class:`cbn.distributed.DistributedError`.
+
+        Notes
+        -----
         Weight, bias, mode, momentum and ``num_batches_tracked`` are
-        unchanged. All or nothing: a bad batch (wrong shape or dtype,
-        non-finite data with ``nonfinite="raise"``) raises an error naming
-        its index, and the layer is as before. A layer without running
-        statistics raises ValueError.
+        unchanged. All or nothing: when anything raises, the layer is as
+        before.
         """
         from .calibration import calibrate
         with self._lock:
@@ -350,22 +517,43 @@ class BatchNorm(ChannelLayer):
     def fold(self) -> tuple[NDArray[np.floating[Any]], NDArray[np.floating[Any]]]:
         """The eval-mode computation as one per-channel affine map.
 
-        Returns ``(scale, shift)`` in the layer's dtype, with
-        ``scale = weight / sqrt(running_var + eps)`` and
-        ``shift = bias - running_mean * scale``, so that the eval output is
-        ``x * scale + shift`` broadcast along the channel axis (weight 1 and
-        bias 0 when absent). Eval mode only: in training mode the batch's
-        statistics, not the running ones, normalize. A fused activation is not
-        part of it: apply it after.
+        Returns
+        -------
+        scale, shift : ndarray of shape (C,)
+            In the layer's dtype, with
+            ``scale = weight / sqrt(running_var + eps)`` and
+            ``shift = bias - running_mean * scale``, so that the eval output
+            is ``x * scale + shift`` broadcast along the channel axis
+            (weight 1 and bias 0 when absent).
+
+        Raises
+        ------
+        ValueError
+            In training mode (the batch's statistics, not the running
+            ones, normalize) or without running statistics.
+
+        Notes
+        -----
+        A fused activation is not part of it: apply it after.
         """
         self._check_foldable("fold")
         return self._current_params().scale_shift(self.dtype)
 
     def freeze(self) -> FrozenBatchNorm:
-        """A :class:`cbn.FrozenBatchNorm` with copies of this layer's current
-        parameters, running statistics, eps, axis, activation and accepted
-        ranks: the fastest inference form, which never changes. Needs running
-        statistics."""
+        """The fastest inference form of this layer, which never changes.
+
+        Returns
+        -------
+        FrozenBatchNorm
+            With copies of this layer's current parameters, running
+            statistics, eps, axis, activation and accepted ranks. Works in
+            either mode: the running statistics are what it freezes.
+
+        Raises
+        ------
+        ValueError
+            The layer has no running statistics.
+        """
         from .frozen import FrozenBatchNorm
         if self._running_mean is None:
             raise ValueError(
@@ -375,9 +563,22 @@ class BatchNorm(ChannelLayer):
         return FrozenBatchNorm.of_layer(self)
 
     def to_torch(self) -> Any:
-        """An equivalent ``torch.nn.BatchNorm1d/2d/3d`` (imports torch): the
-        same parameters, buffers, hyper-parameters and mode. The inverse of
-        :meth:`from_torch`; see the README for what has no counterpart."""
+        """An equivalent PyTorch module (imports torch).
+
+        Returns
+        -------
+        torch.nn.BatchNorm1d, BatchNorm2d or BatchNorm3d
+            With the same parameters, buffers, hyper-parameters and mode;
+            the inverse of :meth:`from_torch`.
+
+        Raises
+        ------
+        ValueError
+            The layer has no PyTorch counterpart: a plain ``BatchNorm`` (any
+            rank), ``activation="relu"``, or ``running_var_ddof=0``.
+        ImportError
+            torch is not installed.
+        """
         return _state.layer_to_torch(self)
 
     def _current_params(self):
@@ -400,6 +601,8 @@ class BatchNorm(ChannelLayer):
     # -- state
 
     def reset_running_stats(self) -> None:
+        """Set ``running_mean`` to 0, ``running_var`` to 1 and
+        ``num_batches_tracked`` to 0 (nothing without running statistics)."""
         mean, var = self._running_mean, self._running_var
         if mean is not None and var is not None:
             mean.fill(0)
@@ -407,6 +610,7 @@ class BatchNorm(ChannelLayer):
             self.num_batches_tracked = 0
 
     def reset_parameters(self) -> None:
+        """:meth:`reset_running_stats`, and ``weight`` to 1, ``bias`` to 0."""
         self.reset_running_stats()
         if self._weight is not None:
             self._weight.fill(1)
@@ -417,8 +621,15 @@ class BatchNorm(ChannelLayer):
         return [key for key in _state.STATE_KEYS if getattr(self, key) is not None]
 
     def state_dict(self) -> dict[str, NDArray[Any]]:
-        """Copies of the parameters and buffers, with PyTorch's keys and order
-        (NumPy arrays; :meth:`to_torch` makes the PyTorch module)."""
+        """Copies of the parameters and buffers.
+
+        Returns
+        -------
+        dict of str to ndarray
+            With PyTorch's keys and order: ``weight``, ``bias``,
+            ``running_mean``, ``running_var``, ``num_batches_tracked`` (an
+            int64 0-d array), each present when the layer has it.
+        """
         state = {}
         for key in self._state_keys():
             if key == "num_batches_tracked":
@@ -431,10 +642,32 @@ class BatchNorm(ChannelLayer):
                         strict: bool = True) -> IncompatibleKeys:
         """Copy values from a mapping of array-likes (PyTorch tensors included).
 
-        strict=True: every key of :meth:`state_dict` must be present (a missing
-        ``num_batches_tracked`` is tolerated, as in PyTorch) and no other key.
-        Values are checked before anything is copied, so a failed load changes
-        nothing. Returns ``(missing_keys, unexpected_keys)``.
+        Parameters
+        ----------
+        state_dict : mapping of str to array_like
+            Values for the keys of :meth:`state_dict`.
+        strict : bool
+            True: every key of :meth:`state_dict` must be present (a missing
+            ``num_batches_tracked`` is tolerated, as in PyTorch) and no other
+            key. False: missing and unexpected keys are reported only.
+
+        Returns
+        -------
+        IncompatibleKeys
+            The named tuple ``(missing_keys, unexpected_keys)``.
+
+        Raises
+        ------
+        ValueError
+            Missing or unexpected keys with ``strict=True``, or a value of
+            the wrong shape.
+        TypeError
+            ``state_dict`` is not a mapping, or a value is not numeric.
+
+        Notes
+        -----
+        Values are checked before anything is copied, so a failed load
+        changes nothing.
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(
@@ -476,14 +709,38 @@ class BatchNorm(ChannelLayer):
                         activation: Literal["relu"] | None = None) -> Self:
         """A layer built from a state dict (PyTorch's included) alone.
 
+        Parameters
+        ----------
+        state_dict : mapping of str to array_like
+            A layer's state dict, or a whole model's with ``prefix``.
+        prefix : str, keyword-only
+            Selects one batch norm in a whole model's state dict, e.g.
+            "layer1.0.bn1" (a trailing "." is optional).
+        eps, momentum, axis : keyword-only
+            As in :class:`BatchNorm` (a state dict does not hold them).
+        dtype : float32, float64 or None, keyword-only
+            None: float64 when all the per-channel arrays are, else float32.
+        activation : None or "relu", keyword-only
+            As in :class:`BatchNorm`.
+
+        Returns
+        -------
+        BatchNorm
+            An instance of the class it is called on, in training mode like
+            any new layer (call ``.eval()`` for inference).
+
+        Raises
+        ------
+        ValueError
+            No batch norm under ``prefix``, unknown keys directly under it,
+            or arrays of different lengths.
+
+        Notes
+        -----
         ``num_features`` is inferred from the arrays, ``affine`` from the
         presence of weight, ``bias`` from that of bias (a weight without a
         bias is PyTorch's ``bias=False``), ``track_running_stats`` from that
-        of the running statistics, and the dtype (unless given) is float64
-        when all the per-channel arrays are, else float32. ``prefix`` selects
-        one batch norm in a whole model's state dict, e.g. "layer1.0.bn1".
-        The layer starts in training mode, like any new layer; call
-        ``.eval()`` for inference.
+        of the running statistics.
         """
         return _state.layer_from_state_dict(cls, state_dict, prefix=prefix, eps=eps,
                                             momentum=momentum, axis=axis, dtype=dtype,
@@ -492,15 +749,27 @@ class BatchNorm(ChannelLayer):
     @classmethod
     def from_torch(cls, module: Any, *, axis: int = 1, dtype: DTypeLike | None = None,
                    activation: Literal["relu"] | None = None) -> Self:
-        """A layer with the configuration, state and mode of a
-        ``torch.nn.BatchNorm1d/2d/3d`` (any object with its attributes:
-        num_features, eps, momentum, affine, track_running_stats, training and
-        state_dict(); cbn never imports torch here).
+        """A layer with the configuration, state and mode of a PyTorch module.
 
-        Called on :class:`BatchNorm` itself, the result is the cbn class of
-        the same name when the module's class is one of PyTorch's, so that
-        its rank checks carry over. The dtype (unless given) is float64 for a
-        double-precision module, else float32.
+        Parameters
+        ----------
+        module : torch.nn.BatchNorm1d, BatchNorm2d or BatchNorm3d
+            Or any object with their attributes: num_features, eps,
+            momentum, affine, track_running_stats, training and
+            state_dict(); cbn never imports torch here.
+        axis : int, keyword-only
+            The channel axis of the inputs the layer will take.
+        dtype : float32, float64 or None, keyword-only
+            None: float64 for a double-precision module, else float32.
+        activation : None or "relu", keyword-only
+            As in :class:`BatchNorm`.
+
+        Returns
+        -------
+        BatchNorm
+            Called on :class:`BatchNorm` itself, the cbn class of the same
+            name when the module's class is one of PyTorch's, so that its
+            rank checks carry over; else the class it is called on.
         """
         return _state.layer_from_torch(cls, module, axis=axis, dtype=dtype,
                                        activation=activation)
@@ -552,21 +821,25 @@ class BatchNorm(ChannelLayer):
 
 
 class BatchNorm1d(BatchNorm):
-    """BatchNorm for (N, C) or (N, C, L) input."""
+    """:class:`BatchNorm` for (N, C) or (N, C, L) input; other ranks raise
+    ValueError (``expected 2D or 3D input (got 4D input)``). The parameters
+    and attributes are :class:`BatchNorm`'s."""
 
     _ranks = range(2, 4)
     _ranks_text = "2D or 3D"
 
 
 class BatchNorm2d(BatchNorm):
-    """BatchNorm for (N, C, H, W) input."""
+    """:class:`BatchNorm` for (N, C, H, W) input; other ranks raise
+    ValueError. The parameters and attributes are :class:`BatchNorm`'s."""
 
     _ranks = range(4, 5)
     _ranks_text = "4D"
 
 
 class BatchNorm3d(BatchNorm):
-    """BatchNorm for (N, C, D, H, W) input."""
+    """:class:`BatchNorm` for (N, C, D, H, W) input; other ranks raise
+    ValueError. The parameters and attributes are :class:`BatchNorm`'s."""
 
     _ranks = range(5, 6)
     _ranks_text = "5D"

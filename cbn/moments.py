@@ -91,11 +91,34 @@ class Moments:
 
     @classmethod
     def of(cls, x: ArrayLike, *, axis: int = 1, mask: ArrayLike | None = None) -> Self:
-        """The moments of one batch ``x`` over every axis but ``axis``,
-        computed by cbn's kernels in float64 from data of any float dtype
-        and layout (``x`` may be empty: count 0). ``mask``: a boolean array
-        broadcasting to ``x``'s shape without ``axis``; only the positions
-        it marks True count."""
+        """The moments of one batch ``x`` over every axis but ``axis``.
+
+        Parameters
+        ----------
+        x : array_like
+            Data of at least 2 dimensions, of any float dtype and layout
+            (it may be empty: count 0).
+        axis : int, keyword-only
+            The channel axis.
+        mask : array_like of bool, keyword-only, optional
+            Valid positions: a boolean array that broadcasts to ``x``'s
+            shape with the channel axis removed ((N, L) or (N, 1) for
+            (N, C, L) input, (N,) for (N, C)); True marks a valid position.
+            Only valid positions count (none: count 0).
+
+        Returns
+        -------
+        Moments
+            Computed by cbn's kernels in float64.
+
+        Raises
+        ------
+        ValueError
+            Fewer than 2 dimensions, ``axis`` out of range or without
+            channels, a bad ``mask``.
+        TypeError
+            A dtype cbn does not take, or a non-boolean ``mask``.
+        """
         count, mean, m2, _ = kernels.moments(x, axis, mask=mask)
         if mean.shape[0] == 0:
             raise ValueError(f"x has shape {np.shape(x)}: axis {axis} has no channels")
@@ -103,9 +126,31 @@ class Moments:
 
     def update(self, x: ArrayLike, *, axis: int = 1,
                mask: ArrayLike | None = None) -> Self:
-        """Merge the batch ``x`` into these moments in place; returns self.
-        On error (a channel count other than ``num_features``, a non-array,
-        a wrong axis) the object is unchanged."""
+        """Merge the batch ``x`` into these moments in place.
+
+        Parameters
+        ----------
+        x : array_like
+            Data with ``num_features`` channels on ``axis``.
+        axis : int, keyword-only
+            The channel axis.
+        mask : array_like of bool, keyword-only, optional
+            Valid positions: a boolean array that broadcasts to ``x``'s
+            shape with the channel axis removed ((N, L) or (N, 1) for
+            (N, C, L) input, (N,) for (N, C)); True marks a valid position.
+            Only valid positions count (none: count 0).
+
+        Returns
+        -------
+        Moments
+            ``self``, so that calls chain.
+
+        Raises
+        ------
+        ValueError, TypeError
+            A channel count other than ``num_features``, a non-array, a
+            wrong axis, a bad ``mask``; the object is then unchanged.
+        """
         accepts = kernels.Accepts(2, 64, None, self._num_features, type(self).__name__)
         count, mean, m2, _ = kernels.moments(x, axis, accepts, mask=mask)
         self._count, self._mean, self._m2 = merge_parts(
@@ -116,8 +161,25 @@ class Moments:
     # -- merging
 
     def merge(self, other: Moments) -> Moments:
-        """The moments of this data followed by ``other``'s, as a new object;
-        both are unchanged."""
+        """The moments of this data followed by ``other``'s.
+
+        Parameters
+        ----------
+        other : Moments
+            Of the same ``num_features``.
+
+        Returns
+        -------
+        Moments
+            A new object; both inputs are unchanged.
+
+        Raises
+        ------
+        TypeError
+            ``other`` is not a Moments object.
+        ValueError
+            The channel counts differ.
+        """
         self._check_mergeable(other, "merge")
         return Moments._of_parts(*merge_parts((self._count, self._mean, self._m2),
                                               (other._count, other._mean, other._m2)))
@@ -125,7 +187,25 @@ class Moments:
     @classmethod
     def merge_all(cls, moments: Iterable[Moments]) -> Moments:
         """Merge ``moments`` left to right, in the order given (the order
-        fixes the bits). At least one is needed (it gives C)."""
+        fixes the bits).
+
+        Parameters
+        ----------
+        moments : iterable of Moments
+            At least one (it gives C), all of the same ``num_features``.
+
+        Returns
+        -------
+        Moments
+            A new object.
+
+        Raises
+        ------
+        ValueError
+            No item, or channel counts that differ.
+        TypeError
+            An item that is not a Moments object.
+        """
         total = None
         for k, item in enumerate(moments):
             if not isinstance(item, Moments):
@@ -154,23 +234,44 @@ class Moments:
 
     @property
     def num_features(self) -> int:
+        """The number of channels C."""
         return self._num_features
 
     @property
     def count(self) -> int:
+        """Values per channel so far (the same for every channel)."""
         return self._count
 
     @property
     def mean(self) -> NDArray[np.float64]:
+        """Per-channel mean, float64 of shape (C,), read-only (zeros while
+        empty)."""
         return self._mean
 
     @property
     def m2(self) -> NDArray[np.float64]:
+        """Per-channel sum of squared deviations from the mean, float64 of
+        shape (C,), read-only."""
         return self._m2
 
     def var(self, ddof: float = 0) -> NDArray[np.float64]:
-        """``m2 / (count - ddof)`` per channel (ddof=0: biased, 1: unbiased),
-        NaN where ``count - ddof <= 0``."""
+        """The per-channel variance.
+
+        Parameters
+        ----------
+        ddof : float
+            0: biased (``m2 / count``), 1: unbiased (``m2 / (count - 1)``).
+
+        Returns
+        -------
+        ndarray of float64, shape (C,)
+            ``m2 / (count - ddof)``; NaN where ``count - ddof <= 0``.
+
+        Raises
+        ------
+        TypeError
+            ``ddof`` is not a real number.
+        """
         if isinstance(ddof, bool) or not isinstance(ddof, numbers.Real):
             raise TypeError(f"ddof must be a real number, got {type(ddof).__name__}")
         dof = self._count - float(ddof)
@@ -181,12 +282,38 @@ class Moments:
     # -- over a wire, in a pickle
 
     def to_array(self) -> NDArray[np.float64]:
-        """One float64 array of length 2C + 1: count, then mean, then m2."""
+        """The moments as one array, for a wire or a file.
+
+        Returns
+        -------
+        ndarray of float64, shape (2C + 1,)
+            count, then mean, then m2.
+        """
         return np.concatenate(([float(self._count)], self._mean, self._m2))
 
     @classmethod
     def from_array(cls, a: ArrayLike) -> Moments:
-        """The inverse of :meth:`to_array`."""
+        """The inverse of :meth:`to_array`.
+
+        Parameters
+        ----------
+        a : ndarray of shape (2C + 1,)
+            count, then mean, then m2 (C >= 1); the count a non-negative
+            integer.
+
+        Returns
+        -------
+        Moments
+            A new object.
+
+        Raises
+        ------
+        TypeError
+            ``a`` is not a NumPy array of a numeric dtype.
+        ValueError
+            A shape other than (2C + 1,), or a count that is not a
+            non-negative integer.
+        """
         if not isinstance(a, np.ndarray):
             raise TypeError(f"from_array expects a NumPy array, got {type(a).__name__}")
         if a.ndim != 1 or a.size < 3 or a.size % 2 == 0:

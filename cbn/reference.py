@@ -31,7 +31,20 @@ def _per_channel(vector: ArrayLike, ndim: int, axis: int) -> NDArray[np.float64]
 
 def batch_stats(x: ArrayLike, *, axis: int = 1
                 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Per-channel mean and biased variance, two-pass in float64."""
+    """Per-channel mean and biased variance, two-pass in float64.
+
+    Parameters
+    ----------
+    x : array_like
+        Data of at least 2 dimensions.
+    axis : int, keyword-only
+        The channel axis.
+
+    Returns
+    -------
+    mean, var : ndarray of float64, shape (C,)
+        Over every axis but ``axis``.
+    """
     x = np.asarray(x, dtype=np.float64)
     _, axes = _reduce_axes(x.ndim, axis)
     mean = x.mean(axis=axes, keepdims=True)
@@ -44,7 +57,28 @@ def batch_norm_forward(x: ArrayLike, weight: ArrayLike | None = None,
                        out: NDArray[Any] | None = None
                        ) -> tuple[NDArray[np.float64], NDArray[np.float64],
                                   NDArray[np.float64]]:
-    """Training-mode forward: (y, mean, invstd), all float64."""
+    """Training-mode forward, in float64.
+
+    Parameters
+    ----------
+    x : array_like
+        Input with channels on ``axis``.
+    weight, bias : array_like of shape (C,), optional
+        Scale and shift after normalizing.
+    eps : float
+        Added to the variance before the square root.
+    axis : int, keyword-only
+        The channel axis.
+    out : ndarray, keyword-only, optional
+        Ignored: present so that the signature is the compiled function's.
+
+    Returns
+    -------
+    y : ndarray of float64
+        Of ``x``'s shape.
+    mean, invstd : ndarray of float64, shape (C,)
+        The batch mean and ``1 / sqrt(var + eps)``.
+    """
     x = np.asarray(x, dtype=np.float64)
     axis, _ = _reduce_axes(x.ndim, axis)
     mean, var = batch_stats(x, axis=axis)
@@ -62,7 +96,38 @@ def batch_norm(x: ArrayLike, running_mean: NDArray[Any] | None,
                bias: ArrayLike | None = None, training: bool = False, momentum: float = 0.1,
                eps: float = 1e-5, *, axis: int = 1,
                out: NDArray[Any] | None = None) -> NDArray[np.float64]:
-    """PyTorch's batch_norm in float64; updates the running stats in place."""
+    """Batch normalization in float64; in training, updates the running
+    statistics in place (unbiased variance).
+
+    Parameters
+    ----------
+    x : array_like
+        Input with channels on ``axis``.
+    running_mean, running_var : ndarray of shape (C,), or None
+        Required when ``training=False``; updated in place in training.
+    weight, bias : array_like of shape (C,), optional
+        Scale and shift after normalizing.
+    training : bool
+        Batch statistics (True) or running statistics (False).
+    momentum : float
+        The new batch's weight in the running update.
+    eps : float
+        Added to the variance before the square root.
+    axis : int, keyword-only
+        The channel axis.
+    out : ndarray, keyword-only, optional
+        Ignored: present so that the signature is the compiled function's.
+
+    Returns
+    -------
+    ndarray of float64
+        ``y``, of ``x``'s shape.
+
+    Raises
+    ------
+    ValueError
+        ``training=False`` without running statistics.
+    """
     x = np.asarray(x, dtype=np.float64)
     axis, _ = _reduce_axes(x.ndim, axis)
     if training:
@@ -91,7 +156,31 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, save_mean: ArrayLike,
                         out: NDArray[Any] | None = None
                         ) -> tuple[NDArray[np.float64], NDArray[np.float64],
                                    NDArray[np.float64]]:
-    """(dx, grad_weight, grad_bias) in float64, from the textbook formulas."""
+    """Gradients of batch normalization in float64, from the textbook
+    formulas.
+
+    Parameters
+    ----------
+    dy : array_like
+        The gradient of the output.
+    x : array_like
+        The forward's input.
+    save_mean, save_invstd : array_like of shape (C,)
+        The statistics the forward normalized with.
+    weight : array_like of shape (C,), optional
+        The forward's weight.
+    axis : int, keyword-only
+        The channel axis.
+    training : bool, keyword-only
+        Whether the statistics depended on ``x``.
+    out : ndarray, keyword-only, optional
+        Ignored: present so that the signature is the compiled function's.
+
+    Returns
+    -------
+    dx, grad_weight, grad_bias : ndarray of float64
+        ``dx`` of ``x``'s shape, the others of shape (C,).
+    """
     x = np.asarray(x, dtype=np.float64)
     dy = np.asarray(dy, dtype=np.float64)
     axis, axes = _reduce_axes(x.ndim, axis)

@@ -53,9 +53,8 @@ class SyncBatchNorm(BatchNorm):
     reduction : "auto", "allgather" or "allreduce", keyword-only
         How the moments are merged (see :mod:`cbn.distributed`); "auto"
         switches to the all-reduce at large rank counts.
-    **kwargs
-        Every other keyword of :class:`BatchNorm` (axis, dtype, bias,
-        activation, nonfinite, running_var_ddof).
+    bias, axis, dtype, activation, nonfinite, running_var_ddof : keyword-only
+        As :class:`BatchNorm`.
 
     Attributes
     ----------
@@ -63,6 +62,20 @@ class SyncBatchNorm(BatchNorm):
         The communicator (assignable). It is not pickled: an unpickled layer
         uses ``COMM_WORLD`` unless another is assigned; ``copy.deepcopy``
         shares it.
+    reduction : str
+        "auto", "allgather" or "allreduce" (assignable).
+    weight, bias, running_mean, running_var, num_batches_tracked, training
+        As :class:`BatchNorm`.
+    grad_weight, grad_bias, affine, track_running_stats, dtype
+        As :class:`BatchNorm`; the gradients are this rank's.
+
+    Examples
+    --------
+    Run under ``mpiexec -n 4 python train.py``:
+
+    >>> layer = cbn.SyncBatchNorm(64, comm=MPI.COMM_WORLD)
+    >>> y = layer(x_local)               # statistics of all ranks' batches
+    >>> dx = layer.backward(dy_local)
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -86,6 +99,8 @@ class SyncBatchNorm(BatchNorm):
 
     @property
     def comm(self) -> Any:
+        """The MPI communicator (``COMM_WORLD`` when None was given or after
+        unpickling); assigning checks its methods."""
         if self._comm is None:
             self._comm = distributed.resolve_comm(None, type(self).__name__)
         return self._comm
@@ -106,7 +121,26 @@ class SyncBatchNorm(BatchNorm):
     @classmethod
     def convert(cls, layer: BatchNorm, comm: Any = None) -> Self:
         """A SyncBatchNorm with ``layer``'s configuration, state (copies),
-        mode and accepted ranks, over ``comm``."""
+        mode and accepted ranks.
+
+        Parameters
+        ----------
+        layer : BatchNorm
+            The layer to convert (unchanged).
+        comm : MPI communicator, optional
+            None: ``COMM_WORLD``.
+
+        Returns
+        -------
+        SyncBatchNorm
+            A new layer, over ``comm``.
+
+        Raises
+        ------
+        TypeError
+            ``layer`` is not a cbn.BatchNorm, or ``comm`` lacks the methods
+            used.
+        """
         if not isinstance(layer, BatchNorm):
             raise TypeError(f"{cls.__name__}.convert expects a cbn.BatchNorm, got "
                             f"{type(layer).__name__}")
@@ -127,7 +161,30 @@ class SyncBatchNorm(BatchNorm):
     def forward(self, x: ArrayLike, out: NDArray[Any] | None = None, *,
                 mask: ArrayLike | None = None) -> NDArray[Any]:
         """As :meth:`BatchNorm.forward`; in training mode every rank must
-        call it, and the statistics are the global batch's."""
+        call it, and the statistics are the global batch's.
+
+        Parameters
+        ----------
+        x : array_like
+            This rank's part of the batch (it may be empty).
+        out : ndarray, optional
+            As in :meth:`BatchNorm.forward`.
+        mask : array_like of bool, keyword-only, optional
+            This rank's mask, as in :meth:`BatchNorm.forward`: the global
+            statistics and count use every rank's valid positions only.
+
+        Returns
+        -------
+        ndarray
+            ``y`` for this rank's part, of ``x``'s shape and dtype.
+
+        Raises
+        ------
+        cbn.distributed.DistributedError
+            In training, on every rank, when any rank's input was refused
+            (also an instance of that rank's ValueError, TypeError or
+            FloatingPointError); no rank's state changes.
+        """
         if not self.training:
             y = super().forward(x, out, mask=mask)
             self._global_count = None   # its backward is local (after success only)
@@ -163,7 +220,30 @@ class SyncBatchNorm(BatchNorm):
     def backward(self, dy: ArrayLike, out: NDArray[Any] | None = None) -> NDArray[Any]:
         """As :meth:`BatchNorm.backward`; after a training forward every rank
         must call it, and the input gradient is that of the global batch's
-        statistics. ``grad_weight`` and ``grad_bias`` are this rank's."""
+        statistics.
+
+        Parameters
+        ----------
+        dy : array_like
+            The gradient of this rank's output.
+        out : ndarray, optional
+            As in :meth:`BatchNorm.backward`.
+
+        Returns
+        -------
+        ndarray
+            ``dx`` for this rank's part.
+
+        Raises
+        ------
+        cbn.distributed.DistributedError
+            On every rank, when any rank's ``dy`` was refused.
+
+        Notes
+        -----
+        ``grad_weight`` and ``grad_bias`` are this rank's share: sum them
+        over ranks, as a data-parallel loop does with every gradient.
+        """
         count = self._global_count
         if self._last is None or count is None:
             return super().backward(dy, out)

@@ -45,6 +45,12 @@ def save(file: File, obj: Saved) -> None:
         of str to arrays
         A layer keeps its hyper-parameters, state and mode; a
         SyncBatchNorm's communicator is not saved.
+
+    Raises
+    ------
+    TypeError
+        ``obj`` is none of those, a subclass cbn cannot rebuild, or a state
+        dict with non-str keys or object arrays.
     """
     entries = {"cbn.format": np.array(FORMAT), "cbn.version": np.array(VERSION)}
     if isinstance(obj, FrozenBatchNorm):
@@ -70,8 +76,18 @@ def save(file: File, obj: Saved) -> None:
 
 
 def load(file: File) -> Saved:
-    """Read what :func:`save` wrote: the layer (in the mode it was saved
-    in) or the state dict. Never runs code from the file.
+    """Read what :func:`save` wrote. Never runs code from the file.
+
+    Parameters
+    ----------
+    file : str, path-like or binary file object
+        A file written by :func:`save`.
+
+    Returns
+    -------
+    BatchNorm, SyncBatchNorm, FrozenBatchNorm or dict
+        The layer (of its saved class, in the mode it was saved in) or the
+        state dict of NumPy arrays.
 
     Raises
     ------
