@@ -411,14 +411,47 @@ cdef inline void shifted_sums(const floating* x, Py_ssize_t n, double shift,
     sum_d2[0] += sum_lanes(acc_d2)
 
 
+ctypedef struct Mask:   # a mask as the masked kernels read it
+    const unsigned char* valid   # (outer, inner): 1 where the position is valid
+    # (outer,): the length of row o's valid prefix when the row is valid up
+    # to a point and masked after it (a padded sequence's row, or one wholly
+    # valid or masked), else -1. Found once per call for every channel.
+    Py_ssize_t* prefix
+
+
+cdef int mask_rows(Mask* m,          # OUT
+                   const unsigned char* valid, Py_ssize_t outer,
+                   Py_ssize_t inner) noexcept nogil:
+    """Returns 0, or -1 when the prefix table cannot be allocated."""
+    cdef Py_ssize_t o, k, j
+    cdef const unsigned char* row
+    m.valid = valid
+    m.prefix = <Py_ssize_t*>malloc(outer * sizeof(Py_ssize_t) + 1)
+    if m.prefix == NULL:
+        return -1
+    for o in range(outer):
+        row = valid + o * inner
+        k = 0
+        while k < inner and row[k]:
+            k += 1
+        j = k
+        while j < inner and not row[j]:
+            j += 1
+        m.prefix[o] = k if j == inner else -1
+    return 0
+
+
 cdef inline void masked_run_sums(const floating* x, const unsigned char* valid,
-                                 Py_ssize_t n, double shift,
+                                 Py_ssize_t n, Py_ssize_t prefix, double shift,
                                  double* sum_d,     # IN/OUT: added to
                                  double* sum_d2     # IN/OUT: added to
                                  ) noexcept nogil:
     """Sums of d = x - shift and d * d over the valid values of a run.
 
-    STAGE values at a time are first copied to an L1 buffer with the masked
+    A run valid up to some point and masked after it (``prefix`` >= 0 valid
+    values: a padded sequence's, or one wholly valid or masked) is summed in
+    place. Any other is taken
+    STAGE values at a time, first copied to an L1 buffer with the masked
     ones replaced by the shift itself (a value of x, so exactly
     representable), whose deviation is exactly 0; both loops then vectorize,
     where a select inside the sums would not (mixed byte and double lanes).
@@ -426,6 +459,9 @@ cdef inline void masked_run_sums(const floating* x, const unsigned char* valid,
     cdef floating staged[STAGE]
     cdef floating fill = <floating>shift, v
     cdef Py_ssize_t start = 0, length, i
+    if prefix >= 0:
+        shifted_sums(x, prefix, shift, sum_d, sum_d2)
+        return
     while start < n:
         length = min(<Py_ssize_t>STAGE, n - start)
         for i in range(length):
@@ -435,7 +471,7 @@ cdef inline void masked_run_sums(const floating* x, const unsigned char* valid,
         start += length
 
 
-cdef void planar_masked_unit(const floating* x, const unsigned char* valid,
+cdef void planar_masked_unit(const floating* x, const Mask* m,
                              Py_ssize_t C, Py_ssize_t inner, Py_ssize_t c,
                              Py_ssize_t o_start, Py_ssize_t o_stop, double shift,
                              double* sum_d_out,    # OUT
@@ -445,11 +481,12 @@ cdef void planar_masked_unit(const floating* x, const unsigned char* valid,
     sum_d_out[0] = 0
     sum_d2_out[0] = 0
     for o in range(o_start, o_stop):
-        masked_run_sums(x + (o * C + c) * inner, valid + o * inner, inner, shift,
+        masked_run_sums(x + (o * C + c) * inner, m.valid + o * inner, inner, m.prefix[o],
+                        shift,
                         sum_d_out, sum_d2_out)
 
 
-cdef void sweep_masked_rows(const floating* x, const unsigned char* valid,
+cdef void sweep_masked_rows(const floating* x, const Mask* m,
                             Py_ssize_t C, Py_ssize_t inner,
                             Py_ssize_t o_start, Py_ssize_t o_stop, const double* shift,
                             double* sum_d_out,    # OUT (C,)
@@ -461,11 +498,12 @@ cdef void sweep_masked_rows(const floating* x, const unsigned char* valid,
         sum_d2_out[c] = 0
     for o in range(o_start, o_stop):
         for c in range(C):
-            masked_run_sums(x + (o * C + c) * inner, valid + o * inner, inner, shift[c],
+            masked_run_sums(x + (o * C + c) * inner, m.valid + o * inner, inner,
+                            m.prefix[o], shift[c],
                             &sum_d_out[c], &sum_d2_out[c])
 
 
-cdef void interleaved_masked_unit(const floating* x, const unsigned char* valid,
+cdef void interleaved_masked_unit(const floating* x, const Mask* m,
                                   Py_ssize_t W, Py_ssize_t inner,
                                   const double* shift_cols,
                                   Py_ssize_t r_start, Py_ssize_t r_stop,
@@ -493,7 +531,7 @@ cdef void interleaved_masked_unit(const floating* x, const unsigned char* valid,
     for r in range(r_start, r_stop):
         row = x + r * W + j_start
         if inner == 1:
-            if valid[r]:
+            if m.valid[r]:
                 for j in range(width):
                     d = row[j] - shift[j]
                     sum_d_out[j] += d
@@ -501,7 +539,15 @@ cdef void interleaved_masked_unit(const floating* x, const unsigned char* valid,
             continue
         # The row's mask repeats every inner columns: the tile's first
         # (partial) stretch, one whole one, then doubling copies.
-        mrow = valid + r * inner
+        mrow = m.valid + r * inner
+        if m.prefix[r] == 0:
+            continue
+        if m.prefix[r] == inner:
+            for j in range(width):
+                d = row[j] - shift[j]
+                sum_d_out[j] += d
+                sum_d2_out[j] += d * d
+            continue
         i = j_start % inner
         seg = min(inner - i, width)
         memcpy(mcols, mrow + i, seg)
@@ -531,7 +577,7 @@ ctypedef struct Reduction:   # a reduction's job arguments
     # REDUCE_GRAD_SUMS: the means; REDUCE_MASKED_SUMS: the shifts. Per column
     # when plan.cols_per_channel > 1, else per channel.
     const double* mean
-    const unsigned char* valid   # REDUCE_MASKED_SUMS: (outer, inner) mask
+    const Mask* mask             # REDUCE_MASKED_SUMS only
 
 
 cdef inline void reduce_unit(const Reduction* r, Py_ssize_t u, int thread,
@@ -568,13 +614,13 @@ cdef inline void reduce_unit(const Reduction* r, Py_ssize_t u, int thread,
                                    part_a, part_b)
     elif r.kind == REDUCE_MASKED_SUMS:
         if p.walk == WALK_SWEEP:
-            sweep_masked_rows(x, r.valid, p.C, p.inner, o_start, o_stop, r.mean,
+            sweep_masked_rows(x, r.mask, p.C, p.inner, o_start, o_stop, r.mean,
                               part_a, part_b)
         elif p.walk == WALK_PLANAR:
-            planar_masked_unit(x, r.valid, p.C, p.inner, j_start, o_start, o_stop,
+            planar_masked_unit(x, r.mask, p.C, p.inner, j_start, o_start, o_stop,
                                r.mean[j_start], part_a, part_b)
         else:
-            interleaved_masked_unit(x, r.valid, p.cols, p.inner, r.mean, o_start, o_stop,
+            interleaved_masked_unit(x, r.mask, p.cols, p.inner, r.mean, o_start, o_stop,
                                     j_start, j_stop, part_a, part_b)
     else:
         if p.walk == WALK_SWEEP:
@@ -659,7 +705,7 @@ cdef void combine_columns(const Reduction* r,
 cdef int reduce_impl(int kind,                # a ReduceKind
                      const floating* xp,
                      const floating* dyp,     # REDUCE_GRAD_SUMS only
-                     const unsigned char* valid,   # REDUCE_MASKED_SUMS only
+                     const Mask* mask,        # REDUCE_MASKED_SUMS only
                      Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
                      const double* mean,      # IN (C,): REDUCE_GRAD_SUMS' means,
                                               # REDUCE_MASKED_SUMS' shifts
@@ -677,7 +723,7 @@ cdef int reduce_impl(int kind,                # a ReduceKind
     if r.scratch == NULL:
         return -1
     r.mean = mean
-    r.valid = valid
+    r.mask = mask
     if r.plan.mean_cols_at >= 0:
         expand_to_columns(mean, C, inner, r.scratch + r.plan.mean_cols_at)
         r.mean = r.scratch + r.plan.mean_cols_at
@@ -733,19 +779,22 @@ cdef int batch_stats_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
     cdef Py_ssize_t c
     cdef int status
     cdef double* shift
+    cdef Mask m
     if valid == NULL:
         return reduce_impl(REDUCE_STATS, xp, <const floating*>NULL, NULL, outer, C, inner,
                            NULL, mean, var, num_threads)
     shift = <double*>malloc(C * sizeof(double) + 1)
-    if shift == NULL:
+    if shift == NULL or mask_rows(&m, valid, outer, inner) < 0:
+        free(shift)
         return -1
     masked_shifts(xp, valid, outer, C, inner, shift)
-    status = reduce_impl(REDUCE_MASKED_SUMS, xp, <const floating*>NULL, valid, outer, C,
+    status = reduce_impl(REDUCE_MASKED_SUMS, xp, <const floating*>NULL, &m, outer, C,
                          inner, shift, mean, var, num_threads)
     if status == 0:
         for c in range(C):
             masked_moments(shift[c], mean[c], var[c], count, &mean[c], &var[c])
     free(shift)
+    free(m.prefix)
     return status
 
 
@@ -1245,7 +1294,7 @@ ctypedef struct FusedChannels:   # a fused step's job arguments
     bint relu              # forward
     bint training          # backward
     bint stream
-    const unsigned char* valid   # forward: (outer, inner) mask, or NULL: all valid
+    const Mask* mask             # forward: the mask, or NULL: all valid
     const double* shift          # forward with a mask: IN (C,)
     double count                 # forward with a mask: valid positions
     double* out_a          # forward: OUT mean (C,); backward: OUT sum of dy
@@ -1271,12 +1320,12 @@ cdef inline void forward_channel(const FusedChannels* f, Py_ssize_t c,
     """Channel c of the fused training forward: statistics, then normalization."""
     cdef double m, v, inv, s, b, sum_d, sum_d2
     cdef ElementParams p
-    if f.valid == NULL:
+    if f.mask == NULL:
         planar_stats_unit(xp, f.C, f.inner, c, 0, f.outer, &f.out_a[c], &f.out_b[c])
         m = f.out_a[c]
         v = f.out_b[c] / (<double>f.outer * f.inner)
     else:
-        planar_masked_unit(xp, f.valid, f.C, f.inner, c, 0, f.outer, f.shift[c], &sum_d,
+        planar_masked_unit(xp, f.mask, f.C, f.inner, c, 0, f.outer, f.shift[c], &sum_d,
                            &sum_d2)
         masked_moments(f.shift[c], sum_d, sum_d2, f.count, &m, &v)
         f.out_a[c] = m
@@ -1464,6 +1513,7 @@ cdef int forward_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
     cdef double* shift = NULL
     cdef int status
     cdef FusedChannels f
+    cdef Mask m
     cdef bint stream = streams(outer * C * inner * sizeof(floating))
     if not batch_stats:
         valid = NULL
@@ -1471,14 +1521,19 @@ cdef int forward_impl(const floating* xp, Py_ssize_t outer, Py_ssize_t C,
         f.outer, f.C, f.inner = outer, C, inner
         f.weight, f.bias, f.eps, f.relu, f.stream = weight, bias, eps, relu, stream
         f.out_a, f.out_b, f.out_c = mean, var, invstd
-        f.valid, f.count = valid, count
+        f.count = count
+        f.mask = NULL
         if valid != NULL:
-            shift = <double*>malloc(C * sizeof(double))
-            if shift == NULL:
+            shift = <double*>malloc(C * sizeof(double) + 1)
+            if shift == NULL or mask_rows(&m, valid, outer, inner) < 0:
+                free(shift)
                 return -1
             masked_shifts(xp, valid, outer, C, inner, shift)
+            f.mask = &m
         f.shift = shift
         run_fused(TASK_FORWARD_CHANNEL, &f, xp, xp, yp, num_threads)
+        if valid != NULL:
+            free(m.prefix)
         free(shift)
         return 0
     if batch_stats:

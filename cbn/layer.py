@@ -776,11 +776,40 @@ class BatchNorm(ChannelLayer):
 
     @classmethod
     def from_keras(cls, layer: Any) -> Self:
-        """An eval-mode layer computing what a built Keras
-        ``BatchNormalization`` computes (any object with its attributes; cbn
-        never imports keras): momentum becomes ``1 - momentum``, the running
-        variance the biased one; options cbn cannot reproduce raise
-        ValueError. See docs/conventions.md."""
+        """A layer computing what a built Keras ``BatchNormalization`` computes.
+
+        Parameters
+        ----------
+        layer : keras.layers.BatchNormalization
+            A built layer, or any object with its attributes (cbn never
+            imports keras): ``axis``, ``momentum``, ``epsilon``, ``center``,
+            ``scale``, ``gamma``, ``beta``, ``moving_mean``,
+            ``moving_variance``.
+
+        Returns
+        -------
+        BatchNorm
+            An instance of the class it is called on, in eval mode (a Keras
+            call runs inference unless told ``training=True``), with
+            ``momentum = 1 - layer.momentum``, ``eps = layer.epsilon``, the
+            same ``axis`` and ``running_var_ddof=0`` (Keras keeps the biased
+            variance). ``center=True, scale=False`` becomes a weight of ones
+            (keep it out of the optimizer: cbn computes its gradient).
+
+        Raises
+        ------
+        ValueError
+            Options cbn cannot reproduce (``renorm``, ``virtual_batch_size``,
+            ``adjustment``, several axes, ``synchronized`` on a class other
+            than SyncBatchNorm) or an unbuilt layer, saying why.
+        TypeError
+            Attributes of the wrong kind.
+
+        Notes
+        -----
+        Checked against Keras 3 in inference and training
+        (tests/test_keras.py); docs/conventions.md has the mapping.
+        """
         from ._keras import layer_from_keras
         return layer_from_keras(cls, layer)
 
