@@ -267,6 +267,24 @@ cdef object finish(View v):
 
 # -- masks
 
+cdef bint is_positions_array(object m, View v) noexcept:
+    """Whether ``m`` is a C-contiguous bool array of exactly the positions'
+    shape (the input's without its channel axis): the usual mask, copied
+    and counted in C."""
+    cdef int k, ndim = cnp.PyArray_NDIM(<cnp.ndarray>v.source)
+    cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(<cnp.ndarray>v.source)
+    cdef cnp.npy_intp* mask_dims
+    if (not cnp.PyArray_Check(m) or cnp.PyArray_TYPE(<cnp.ndarray>m) != cnp.NPY_BOOL
+            or not cnp.PyArray_ISCARRAY_RO(<cnp.ndarray>m)
+            or cnp.PyArray_NDIM(<cnp.ndarray>m) != ndim - 1):
+        return False
+    mask_dims = cnp.PyArray_DIMS(<cnp.ndarray>m)
+    for k in range(ndim - 1):
+        if mask_dims[k] != dims[k + (k >= v.axis)]:
+            return False
+    return True
+
+
 cdef tuple valid_positions(object mask, View v):
     """``(valid, count)``: ``mask`` (True marks a valid position) as the
     kernels read it, a new C-contiguous uint8 array of one byte per (outer,
@@ -274,8 +292,19 @@ cdef tuple valid_positions(object mask, View v):
     mask. The mask must be boolean and broadcast to the input's shape without
     its channel axis. A copy: a later change to the caller's mask cannot
     reach a backward."""
+    cdef cnp.npy_intp i, n = v.b.outer * v.b.inner, count = 0
+    cdef const unsigned char* src
+    cdef unsigned char* dst
     if mask is None:
         return None, 0
+    if is_positions_array(mask, v):
+        valid = cnp.PyArray_EMPTY(1, &n, cnp.NPY_UINT8, 0)
+        src = <const unsigned char*>cnp.PyArray_DATA(<cnp.ndarray>mask)
+        dst = <unsigned char*>cnp.PyArray_DATA(<cnp.ndarray>valid)
+        for i in range(n):   # (a bool array viewed from bytes may hold any nonzero)
+            dst[i] = src[i] != 0
+            count += dst[i]
+        return valid, count
     m = mask if cnp.PyArray_Check(mask) else _convert.to_numpy(mask, "mask")
     if m.dtype != numpy.bool_:
         raise TypeError(
@@ -284,9 +313,6 @@ cdef tuple valid_positions(object mask, View v):
         )
     shape = v.source.shape
     positions = shape[:v.axis] + shape[v.axis + 1:]
-    if m.shape == positions:   # the usual mask: no broadcast view to build
-        valid = m.astype(numpy.uint8)
-        return valid, numpy.count_nonzero(valid)
     try:
         spread = numpy.broadcast_to(m, positions)
     except ValueError:
@@ -294,5 +320,5 @@ cdef tuple valid_positions(object mask, View v):
             f"mask has shape {m.shape}, which does not broadcast to {positions}: the "
             f"input's shape {shape} without its channel axis {v.axis}"
         ) from None
-    valid = spread.astype(numpy.uint8)
+    valid = spread.astype(numpy.uint8).reshape(-1)
     return valid, numpy.count_nonzero(valid)
