@@ -19,6 +19,7 @@ import warnings
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 
 def env_flag(name):
@@ -99,9 +100,21 @@ extensions = [extension("_core", CORE_DEPENDS)] + [
     extension(name, KERNEL_DEPENDS, simd_args) for name, simd_args in SIMD_BUILDS.items()
 ]
 
-setup(
-    # force: the generated C depends on the switches above, which cythonize's
-    # timestamp check cannot see.
-    ext_modules=cythonize(extensions, compiler_directives=COMPILER_DIRECTIVES,
-                          force=True),
-)
+
+class build_ext_from_pyx(build_ext):
+    """Generates the C sources when the extensions are built, not each time
+    setup.py runs: the sdist and metadata steps need only the .pyx sources,
+    and shipping generated C would go stale with the switches above."""
+
+    def build_extensions(self):
+        # force: the generated C depends on the switches above, which
+        # cythonize's timestamp check cannot see.
+        generated = cythonize(self.extensions, compiler_directives=COMPILER_DIRECTIVES,
+                              force=True)
+        # Only the sources change: the extensions keep what setuptools set on them.
+        for extension, cythonized in zip(self.extensions, generated):
+            extension.sources = cythonized.sources
+        super().build_extensions()
+
+
+setup(ext_modules=extensions, cmdclass={"build_ext": build_ext_from_pyx})
