@@ -107,7 +107,8 @@ INSTALLED = {"torch": True, "onnxruntime": True, "openvino": True, "onednn": Tru
 def test_targets_pass_on_rows_that_meet_them():
     checked = targets.evaluate({"suite": _full_rows()}, installed=INSTALLED)
     suite_targets = [t for t in checked if t["kind"] == "target"
-                     and "default threads" not in t["requirement"]]
+                     and "default threads" not in t["requirement"]
+                     and not t["requirement"].startswith("masked")]
     assert suite_targets and all(t["status"] == "PASS" for t in suite_targets), suite_targets
 
 
