@@ -106,11 +106,13 @@ def _median_call(function, count=3):
     return sorted(times)[count // 2]
 
 
-def time_case(case, masks, quick, rng):
-    """({"unmasked": s, mask kind: s}, {mask kind: valid fraction}, how timed)."""
-    x = _data(case, rng)
+def time_case(case, masks, quick):
+    """({"unmasked": s, mask kind: s}, {mask kind: valid fraction}, how timed).
+    Fixed seeds: both dtypes of a shape get the same masks, whatever the filter."""
+    x = _data(case, np.random.default_rng(SEED))
     out = np.empty_like(x)
-    chosen = {kind: make_mask(kind, mask_shape(case), rng) for kind in masks}
+    chosen = {kind: make_mask(kind, mask_shape(case), np.random.default_rng([SEED, index]))
+              for index, kind in enumerate(MASKS) if kind in masks}
     calls = {"unmasked": _layer_call(case, x, out),
              **{kind: _layer_call(case, x, out, mask) for kind, mask in chosen.items()}}
     for call in calls.values():
@@ -139,9 +141,8 @@ def run(selected, quick, progress=sys.stderr, *, chosen_cases=None):
     threads = cbn.get_num_threads()
     for index, (case, masks) in enumerate(todo, 1):
         start = time.perf_counter()
-        rng = np.random.default_rng(SEED)  # the same masks whatever the filter
         cpu_load = machine.CpuLoad()
-        seconds, valid, timed = time_case(case, masks, quick, rng)
+        seconds, valid, timed = time_case(case, masks, quick)
         load = cpu_load.lap()
         for kind in masks:
             rows.append({

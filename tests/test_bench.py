@@ -636,9 +636,14 @@ def test_masked_rows_cover_the_training_cases_and_both_masks(quick_run):
     assert len(rows) == len(expected)
     assert {row["layout"] for row in rows} == LAYOUTS
     assert {row["dtype"] for row in rows} == DTYPES
+    valid = {}
     for row in rows:
         assert all(_positive(seconds) for seconds in row["seconds"].values()), row
         assert str(tuple(row["shape"])) in stdout
+        # both dtypes of a shape get the same masks
+        valid.setdefault((row["layout"], tuple(row["shape"]), row["mask"]),
+                         set()).add(row["valid_fraction"])
+    assert all(len(fractions) == 1 for fractions in valid.values()), valid
     assert "Masked training forward vs unmasked" in stdout
 
 
