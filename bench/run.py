@@ -19,11 +19,13 @@ child process per import order of torch and cbn, and SyncBatchNorm's training
 step against the local one at 2 and 4 MPI ranks (--filter sync; needs
 mpi4py), and cbn.dask.moments of a 1 GiB memmapped file against reading it
 through Dask (--filter dask; needs Dask; left out of --quick unless --filter
-selects it). Every row records the load
-of other processes while it was timed; loaded rows are marked *. Prints the
-tables and the performance targets with PASS/FAIL (targets about the full
-suite's cases are N/A in --quick), writes the results as JSON and, when
-matplotlib is installed, a PNG chart.
+selects it), and a masked training forward (layer(x, out, mask=mask), with
+padding and random masks) against the unmasked one on the suite's training
+cases and padded-sequence (N, C, L) cases (--filter masked). Every row
+records the load of other processes while it was timed; loaded rows are
+marked *. Prints the tables and the performance targets with PASS/FAIL
+(targets about the full suite's cases are N/A in --quick), writes the
+results as JSON and, when matplotlib is installed, a PNG chart.
 
 Measures the cbn that Python imports, never the source tree's cbn/ (which
 is not on the path): install it, or put an in-place build on PYTHONPATH.
@@ -64,6 +66,7 @@ from . import (
     default_threads,
     environment,
     import_order,
+    masked,
     peers,
     plot,
     python_threads,
@@ -119,7 +122,7 @@ def parse_args(argv):
     parser.add_argument("--filter", metavar="SUBSTRING", default="",
                         help="only rows whose name contains SUBSTRING, ignoring case "
                              "(e.g. NHWC, float64, backward, 4096x4096, small, threads, "
-                             "default threads, pipeline, busy core)")
+                             "default threads, pipeline, busy core, masked)")
     parser.add_argument("--json", metavar="PATH", type=Path,
                         default=RESULTS / "latest.json",
                         help="where to write the results (default: %(default)s)")
@@ -251,8 +254,12 @@ def main(argv=None):
     if dask_rows:
         print("\n" + dask_moments.report(dask_rows), flush=True)
 
+    masked_rows = parts.run("masked", masked.run, selected, args.quick)
+    if masked_rows:
+        print("\n" + masked.report(masked_rows, args.quick), flush=True)
+
     if not (rows or small_rows or scaling_rows or default_rows or thread_rows or pipeline
-            or sync_rows or dask_rows):
+            or sync_rows or dask_rows or masked_rows):
         print(f"\nNo rows match --filter {args.filter!r}.")
         return 2
     results = {"facts": facts,
@@ -263,7 +270,7 @@ def main(argv=None):
                "suite": rows, "small_calls": small_rows, "thread_scaling": scaling_rows,
                "default_threads": default_rows, "python_threads": thread_rows,
                "pipeline": pipeline, "sync": sync_rows, "dask_moments": dask_rows,
-               "machine_load": parts.loads}
+               "masked": masked_rows, "machine_load": parts.loads}
     installed = {"torch": torch_ops.torch is not None,
                  **{key: version is not None for key, version in peers.versions().items()}}
     results["summary"] = by_op = targets.summary(rows)

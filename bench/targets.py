@@ -24,6 +24,8 @@ RESIDENT_LIMITS = {"train forward": 2.2, "inference": 1.3, "backward": 3.2}
 # Median speed-up of cbn's default call over the suite, at least.
 TORCH_MEDIAN = {"train forward": 2.0, "inference": 2.0, "backward": 2.0}
 NUMPY_MEDIAN = {"train forward": 6.0, "inference": 3.0, "backward": 6.0}
+# A masked training forward / the unmasked one, at most, on every case.
+MASKED_LIMIT = 1.3
 QUICK_NA = "N/A in --quick (needs the full suite's cases)"
 QUICK_PIPELINE_NA = "N/A in --quick (streams of a few batches are too short to judge)"
 
@@ -205,6 +207,16 @@ def _small_call_targets(small_rows):
                       f"{microseconds:.2f} us" + _loaded_note([row]))
 
 
+def masked_target(rows, quick=False):
+    """The masked part's target over its rows (masked.py)."""
+    target = _judged(f"masked training forward <= {MASKED_LIMIT:g}x unmasked on every case",
+                     rows, lambda row: row["ratio"] > MASKED_LIMIT, lambda row: row["ratio"],
+                     lambda row: f"{row['ratio']:.2f}x ({row['case']}, {row['mask']} mask)")
+    if quick and rows:
+        target.update(status="N/A", value=f"{QUICK_NA}; {target['value']}")
+    return target
+
+
 def _copy_check(rows):
     """On large arrays the split copy should beat a one-thread copy; where it
     does not, one core already saturates memory (the copy limit is then the
@@ -226,7 +238,7 @@ def _not_applicable(targets, reason):
 
 def evaluate(results, quick=False, installed=None):
     """Every target (and check) of a run's ``results`` (the JSON dict's parts:
-    suite, small_calls, thread_scaling, default_threads, pipeline), in the
+    suite, small_calls, thread_scaling, default_threads, pipeline, masked), in the
     order of the targets list. ``installed``: {peer key or "torch": bool}."""
     rows = results.get("suite", [])
     installed = installed or {}
@@ -242,4 +254,5 @@ def evaluate(results, quick=False, installed=None):
         full_suite = list(_not_applicable(full_suite, QUICK_NA))
         pipeline = list(_not_applicable(pipeline, QUICK_PIPELINE_NA))
     return [*full_suite, *_scaling_targets(results.get("thread_scaling", [])), *pipeline,
-            *_small_call_targets(results.get("small_calls", [])), *_copy_check(rows)]
+            *_small_call_targets(results.get("small_calls", [])),
+            masked_target(results.get("masked", []), quick), *_copy_check(rows)]

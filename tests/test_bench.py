@@ -40,6 +40,7 @@ from bench import (  # noqa: E402  (after the package is loaded from its folder)
     cbn_calls,
     import_order,
     load,
+    masked,
     peers,
     pipeline,
     tables,
@@ -106,7 +107,8 @@ INSTALLED = {"torch": True, "onnxruntime": True, "openvino": True, "onednn": Tru
 def test_targets_pass_on_rows_that_meet_them():
     checked = targets.evaluate({"suite": _full_rows()}, installed=INSTALLED)
     suite_targets = [t for t in checked if t["kind"] == "target"
-                     and "default threads" not in t["requirement"]]
+                     and "default threads" not in t["requirement"]
+                     and not t["requirement"].startswith("masked")]
     assert suite_targets and all(t["status"] == "PASS" for t in suite_targets), suite_targets
 
 
@@ -443,6 +445,86 @@ def test_dask_moments_part_times_a_tiny_case():
     assert "L2" in text and "moments/read" in text and "4 MiB" in text
 
 
+def test_padding_masks_keep_a_prefix_of_each_sample():
+    rng = np.random.default_rng(0)
+    mask = masked.make_mask("padding", (50, 3, 5), rng)
+    assert mask.shape == (50, 3, 5) and mask.dtype == bool
+    flat = mask.reshape(50, 15)
+    lengths = flat.sum(axis=1)
+    for row, length in zip(flat, lengths):
+        assert row[:length].all() and not row[length:].any()
+    assert lengths.min() >= 8 and lengths.max() <= 15  # 50% (rounded up) to 100% of 15
+    assert len(set(lengths.tolist())) > 1
+    # (N, C): one position per sample, so a prefix of the batch is valid
+    batch = masked.make_mask("padding", (40,), rng)
+    length = int(batch.sum())
+    assert 20 <= length <= 40 and batch[:length].all() and not batch[length:].any()
+
+
+def test_random_masks_keep_three_quarters():
+    mask = masked.make_mask("random", (200, 50), np.random.default_rng(0))
+    assert mask.dtype == bool and 0.72 < mask.mean() < 0.78
+    with pytest.raises(ValueError, match="'ragged'"):
+        masked.make_mask("ragged", (4, 4), np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("layout, shape", [("NCL", (4, 3, 10)), ("NHWC", (4, 2, 5, 3))])
+def test_masked_call_normalizes_with_the_valid_positions_only(layout, shape):
+    case = Case(shape, layout, np.float64)
+    mask = masked.make_mask("padding", masked.mask_shape(case), np.random.default_rng(1))
+    axis = case.axis % len(shape)
+    x = np.moveaxis(np.random.default_rng(2).standard_normal(shape), axis, -1)
+    x[~mask] = 100.0  # padding far from the valid values
+    x = np.ascontiguousarray(np.moveaxis(x, -1, axis))
+    out = np.empty_like(x)
+    masked._layer_call(case, x, out, mask)()
+    valid = np.moveaxis(out, axis, -1)[mask]  # (valid positions, C)
+    np.testing.assert_allclose(valid.mean(axis=0), 0, atol=1e-9)
+    np.testing.assert_allclose(valid.var(axis=0), 1, rtol=1e-3)
+
+
+def _masked_row(ratio, case="32x256 NC float32", mask="random", machine_load=QUIET):
+    return {"name": f"masked {case} {mask}", "case": case, "mask": mask, "ratio": ratio,
+            "seconds": {"unmasked": 1e-5, "masked": ratio * 1e-5},
+            "machine_load": machine_load}
+
+
+def test_masked_target_names_the_worst_row():
+    meeting = [_masked_row(1.1), _masked_row(1.3, mask="padding")]
+    assert targets.masked_target(meeting)["status"] == "PASS"
+    missing = meeting + [_masked_row(1.45, case="8x32x32x32 NHWC float64", mask="padding",
+                                     machine_load=LOADED)]
+    target = targets.masked_target(missing)
+    assert target["status"] == "FAIL"
+    assert "1 of 3 miss" in target["value"]
+    assert "1.45x (8x32x32x32 NHWC float64, padding mask)" in target["value"]
+    assert "1 of 3 rows timed under load" in target["value"]
+    quick = targets.masked_target(missing, quick=True)
+    assert quick["status"] == "N/A" and "1.45x" in quick["value"]
+    assert targets.masked_target([])["status"] == "SKIP"
+    [evaluated] = _by_requirement(targets.evaluate({"masked": missing}),
+                                  "masked training forward <= 1.3x unmasked")
+    assert evaluated == target
+
+
+def test_masked_part_times_tiny_cases():
+    cases = [Case((4, 8, 16), "NCL", np.float32), Case((6, 5, 4, 3), "NHWC", np.float64)]
+    assert masked.run(lambda name: "NCHW" in name, True, chosen_cases=cases) == []
+    rows = masked.run(lambda name: "random" in name or "NHWC" in name, True,
+                      progress=io.StringIO(), chosen_cases=cases)
+    assert [row["name"] for row in rows] == [
+        "masked 4x8x16 NCL float32 random", "masked 6x5x4x3 NHWC float64 padding",
+        "masked 6x5x4x3 NHWC float64 random"]
+    for row in rows:
+        assert all(_positive(seconds) for seconds in row["seconds"].values())
+        assert row["ratio"] == pytest.approx(row["seconds"]["masked"]
+                                             / row["seconds"]["unmasked"])
+        assert 0.5 <= row["valid_fraction"] <= 1
+    text = masked.report(rows, True)
+    assert "(4, 8, 16)" in text and "(6, 5, 4, 3)" in text and "L2" in text
+    assert "Target: [N/A] masked training forward <= 1.3x" in text
+
+
 # ---------------------------------------------------------------------------
 # The quick run, end to end
 
@@ -540,7 +622,29 @@ def test_targets_are_judged_and_full_suite_ones_are_not_applicable(quick_run):
     assert set(results["summary"]) == OPS
     assert set(results["machine_load"]) == {"suite", "small calls", "thread scaling",
                                             "default threads", "python threads", "pipeline",
-                                            "sync"}
+                                            "sync", "masked"}
+    [masked_target] = _by_requirement(counted, "masked training forward")
+    assert masked_target["status"] == "N/A" and "worst" in masked_target["value"]
+
+
+def test_masked_rows_cover_the_training_cases_and_both_masks(quick_run):
+    stdout, results, _ = quick_run
+    rows = results["masked"]
+    expected = {(case.name, mask) for case in masked.cases(quick=True)
+                for mask in masked.MASKS}
+    assert {(row["case"], row["mask"]) for row in rows} == expected
+    assert len(rows) == len(expected)
+    assert {row["layout"] for row in rows} == LAYOUTS
+    assert {row["dtype"] for row in rows} == DTYPES
+    valid = {}
+    for row in rows:
+        assert all(_positive(seconds) for seconds in row["seconds"].values()), row
+        assert str(tuple(row["shape"])) in stdout
+        # both dtypes of a shape get the same masks
+        valid.setdefault((row["layout"], tuple(row["shape"]), row["mask"]),
+                         set()).add(row["valid_fraction"])
+    assert all(len(fractions) == 1 for fractions in valid.values()), valid
+    assert "Masked training forward vs unmasked" in stdout
 
 
 def test_report_is_printed(quick_run):
