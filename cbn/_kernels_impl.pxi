@@ -1378,7 +1378,7 @@ cdef inline void run_fused(int task, FusedChannels* f, const floating* a,
 ctypedef struct MaskedGradInput:   # the masked input gradient's job arguments
     Py_ssize_t outer, C, inner
     Py_ssize_t rows_per_unit
-    const unsigned char* valid     # (outer, inner)
+    const Mask* mask
     const double* mean             # (C,)
     const double* mean_dy          # (C,): sum_dy / count
     const double* proj             # (C,): dotp * invstd^2 / count
@@ -1389,14 +1389,14 @@ cdef inline void masked_grad_input_rows(const MaskedGradInput* g, Py_ssize_t u,
                                         const floating* dy, const floating* x,
                                         floating* dx) noexcept nogil:
     """Rows u * rows_per_unit ... of the block; dx may be dy or x."""
-    cdef Py_ssize_t o, c, i, at
+    cdef Py_ssize_t o, c, i, at, prefix
     cdef Py_ssize_t o_stop = min(g.outer, (u + 1) * g.rows_per_unit)
     cdef const unsigned char* mrow
     cdef double m, mean_dy, q, s, corr
     for o in range(u * g.rows_per_unit, o_stop):
         if g.inner == 1:   # (N, C): a row is valid or not as a whole
             at = o * g.C
-            if g.valid[o]:
+            if g.mask.valid[o]:
                 for c in range(g.C):
                     dx[at + c] = <floating>((dy[at + c] - g.mean_dy[c]
                                              - (x[at + c] - g.mean[c]) * g.proj[c])
@@ -1405,33 +1405,47 @@ cdef inline void masked_grad_input_rows(const MaskedGradInput* g, Py_ssize_t u,
                 for c in range(g.C):
                     dx[at + c] = <floating>(dy[at + c] * g.scale[c])
             continue
-        mrow = g.valid + o * g.inner
+        mrow = g.mask.valid + o * g.inner
+        prefix = g.mask.prefix[o]
         for c in range(g.C):
             at = (o * g.C + c) * g.inner
             m, mean_dy, q, s = g.mean[c], g.mean_dy[c], g.proj[c], g.scale[c]
+            if prefix >= 0:   # valid up to a point, masked after it: two plain loops
+                for i in range(prefix):
+                    dx[at + i] = <floating>((dy[at + i] - mean_dy - (x[at + i] - m) * q)
+                                            * s)
+                for i in range(prefix, g.inner):
+                    dx[at + i] = <floating>(dy[at + i] * s)
+                continue
             for i in range(g.inner):
                 corr = mean_dy + (x[at + i] - m) * q
                 corr = corr if mrow[i] else 0.0   # a blend: masked x may be NaN
                 dx[at + i] = <floating>((dy[at + i] - corr) * s)
 
 
-cdef void masked_grad_input_impl(const floating* dyp, const floating* xp,
-                                 Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
-                                 const unsigned char* valid, const double* mean,
-                                 const double* mean_dy, const double* proj,
-                                 const double* scale, floating* dxp,
-                                 int num_threads) noexcept nogil:
+cdef int masked_grad_input_impl(const floating* dyp, const floating* xp,
+                                Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                                const unsigned char* valid, const double* mean,
+                                const double* mean_dy, const double* proj,
+                                const double* scale, floating* dxp,
+                                int num_threads) noexcept nogil:
+    """Returns 0, or -1 when the mask's prefix table cannot be allocated."""
     cdef MaskedGradInput g
     cdef Job job
+    cdef Mask m
+    if mask_rows(&m, valid, outer, inner) < 0:
+        return -1
     g.outer, g.C, g.inner = outer, C, inner
     g.rows_per_unit = max(<Py_ssize_t>1, UNIT_ELEMS // (C * inner))
-    g.valid, g.mean, g.mean_dy, g.proj, g.scale = valid, mean, mean_dy, proj, scale
+    g.mask, g.mean, g.mean_dy, g.proj, g.scale = &m, mean, mean_dy, proj, scale
     job.task = TASK_MASKED_GRAD_INPUT
     job.n_units = ceil_div(outer, g.rows_per_unit)
     job.team = team_size(num_threads, job.n_units)
     job.elements = outer * C * inner
     job.args = &g
     run_job(&job, dyp, xp, dxp)
+    free(m.prefix)
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -1582,10 +1596,10 @@ cdef int grad_input_from_sums_impl(const floating* dyp, const floating* xp,
         s[C + c] = sum_dy[c] / count
         s[2 * C + c] = dotp[c] * invstd[c] * invstd[c] / count
     if valid != NULL:
-        masked_grad_input_impl(dyp, xp, outer, C, inner, valid, mean, s + C, s + 2 * C, s,
-                               dxp, num_threads)
+        status = masked_grad_input_impl(dyp, xp, outer, C, inner, valid, mean, s + C,
+                                        s + 2 * C, s, dxp, num_threads)
         free(s)
-        return 0
+        return status
     status = grad_input_impl(dyp, xp, outer, C, inner, mean, s + C, s + 2 * C, s, dxp,
                              streams(outer * C * inner * sizeof(floating)), num_threads)
     free(s)

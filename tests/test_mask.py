@@ -49,6 +49,18 @@ def random_mask(shape, share=0.6):
     return mask
 
 
+def padding_mask(shape):
+    """Each row (the last axis) valid up to a random length, some wholly
+    valid or wholly masked: padded sequences, which the kernels sum in place."""
+    lengths = RNG.integers(0, shape[-1] + 1, size=shape[:-1])
+    mask = np.arange(shape[-1]) < lengths[..., None]
+    mask.flat[:2] = True
+    return mask
+
+
+MASKS = {"random": random_mask, "padding": padding_mask}
+
+
 # (shape, axis): every walk of the kernels: the fused planar forward, long
 # planar runs, short runs row by row (sweep), (N, C) rows, short interleaved
 # runs whose tiles split channels (C * inner > 512), and channels last.
@@ -65,10 +77,11 @@ SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("kind", MASKS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, axis", SHAPES)
-def test_batch_stats_over_the_valid_positions(shape, axis, dtype):
-    mask = random_mask(positions_shape(shape, axis))
+def test_batch_stats_over_the_valid_positions(shape, axis, dtype, kind):
+    mask = MASKS[kind](positions_shape(shape, axis))
     x = (RNG.standard_normal(shape) * 2 + 1e3).astype(dtype)
     x = padded(x, mask, axis, np.nan)   # padding never reaches the statistics
     mean, var = cbn.batch_stats(x, axis=axis, mask=mask)
@@ -175,12 +188,13 @@ def numeric_gradient(f, x, h=1e-6):
     return grad
 
 
+@pytest.mark.parametrize("kind", MASKS)
 @pytest.mark.parametrize("shape, axis", [((5, 3, 7), 1), ((9, 4), 1), ((4, 3, 2, 5), 1),
                                          ((6, 5, 3), -1), ((70, 3, 9), 1)])
-def test_backward_is_the_exact_gradient(shape, axis):
+def test_backward_is_the_exact_gradient(shape, axis, kind):
     """Finite differences of sum(y * g), masked positions included (their
     inputs move only their own outputs)."""
-    mask = random_mask(positions_shape(shape, axis))
+    mask = MASKS[kind](positions_shape(shape, axis))
     x = RNG.standard_normal(shape)
     weight, bias = RNG.standard_normal(shape[axis]), RNG.standard_normal(shape[axis])
     g = RNG.standard_normal(shape)
