@@ -513,17 +513,17 @@ cdef void interleaved_masked_unit(const floating* x, const Mask* m,
                                   ) noexcept nogil:
     """Rows of W = C * inner columns; column j is position j % inner of its
     channel. With inner 1 a row is valid or not as a whole, and skipped;
-    otherwise each row is staged as in masked_run_sums, its mask spread over
-    the tile's columns first."""
+    otherwise the row's mask is spread over the tile's columns as values of
+    x's dtype (1 or 0), so that the select in the sums compares lanes of the
+    data's width and the loop vectorizes."""
     cdef Py_ssize_t r, j, i, seg, filled, width = j_stop - j_start
     cdef double d
     cdef const double* shift = shift_cols + j_start
     cdef const floating* row
     cdef const unsigned char* mrow
-    cdef floating staged[TILE_COLS]
     cdef floating fills[TILE_COLS]   # the shifts, exact in x's dtype
     cdef floating v
-    cdef unsigned char mcols[TILE_COLS]
+    cdef floating mcols[TILE_COLS]   # 1 where the column is valid in this row, else 0
     for j in range(width):
         sum_d_out[j] = 0
         sum_d2_out[j] = 0
@@ -550,18 +550,19 @@ cdef void interleaved_masked_unit(const floating* x, const Mask* m,
             continue
         i = j_start % inner
         seg = min(inner - i, width)
-        memcpy(mcols, mrow + i, seg)
+        for j in range(seg):
+            mcols[j] = mrow[i + j]
         filled = min(seg + inner, width)
-        memcpy(mcols + seg, mrow, filled - seg)
+        for j in range(seg, filled):
+            mcols[j] = mrow[j - seg]
         while filled < width:
             j = min(filled - seg, width - filled)
-            memcpy(mcols + filled, mcols + seg, j)
+            memcpy(mcols + filled, mcols + seg, j * sizeof(floating))
             filled += j
         for j in range(width):
             v = row[j]   # loaded whatever the mask: a blend, no branch
-            staged[j] = v if mcols[j] else fills[j]
-        for j in range(width):
-            d = staged[j] - shift[j]
+            v = v if mcols[j] != 0 else fills[j]
+            d = v - shift[j]
             sum_d_out[j] += d
             sum_d2_out[j] += d * d
 
