@@ -258,8 +258,24 @@ KERAS_RUN = textwrap.dedent("""
             keras_layer.moving_variance)
         out["cbn_train"] = layer(x)
         out["cbn_dx"] = layer.backward(dy)
-        out["cbn_running_mean"] = layer.running_mean
-        out["cbn_running_var"] = layer.running_var
+        out["cbn_running_mean"] = layer.running_mean.copy()   # buffers: updated again
+        out["cbn_running_var"] = layer.running_var.copy()
+        out["keras_moving_mean"] = out["keras_moving_mean"].copy()
+        out["keras_moving_variance"] = out["keras_moving_variance"].copy()
+        if axis == -1:   # a masked step (Keras takes masks over the leading axes)
+            lengths = rng.integers(0, shape[-2] + 1, size=shape[:-2])
+            lengths.flat[0] = shape[-2]
+            mask = np.arange(shape[-2]) < lengths[..., None]
+            xt = torch.tensor(x, requires_grad=True)
+            yt = keras_layer(xt, training=True, mask=torch.tensor(mask))
+            yt.backward(torch.tensor(dy))
+            out["keras_masked"] = yt.detach().numpy()
+            out["keras_masked_dx"] = xt.grad.numpy()
+            out["keras_masked_moving_variance"] = keras.ops.convert_to_numpy(
+                keras_layer.moving_variance)
+            out["cbn_masked"] = layer(x, mask=mask)
+            out["cbn_masked_dx"] = layer.backward(dy)
+            out["cbn_masked_running_var"] = layer.running_var
         for key, value in out.items():
             results[f"{index}/{key}"] = value
     np.savez(sys.argv[1], **results)
@@ -316,3 +332,19 @@ def test_real_keras_layers_training_mode(keras_results, index):
                                rtol=tol, atol=tol)
     np.testing.assert_allclose(get("cbn_running_var"), get("keras_moving_variance"),
                                rtol=tol, atol=tol)
+
+
+MASKED_CASES = [index for index, case in enumerate(KERAS_CASES) if case["axis"] == -1]
+
+
+@pytest.mark.parametrize("index", MASKED_CASES)
+def test_real_keras_layers_masked_training(keras_results, index):
+    """Keras 3's mask: statistics over the valid positions, every position
+    normalized, the exact gradient, the moving variance of the valid ones."""
+    get = lambda key: keras_results[f"{index}/{key}"]
+    tol = 2e-5 if KERAS_CASES[index]["dtype"] == "float32" else 1e-6
+    np.testing.assert_allclose(get("cbn_masked"), get("keras_masked"), rtol=tol, atol=tol)
+    np.testing.assert_allclose(get("cbn_masked_dx"), get("keras_masked_dx"), rtol=tol,
+                               atol=tol)
+    np.testing.assert_allclose(get("cbn_masked_running_var"),
+                               get("keras_masked_moving_variance"), rtol=tol, atol=tol)
