@@ -369,3 +369,14 @@ def test_infinite_padding_and_infinite_data():
     x_inf[np.nonzero(mask)[0][0], :, np.nonzero(mask)[1][0]] = np.inf   # a valid value
     mean, _ = cbn.batch_stats(x_inf, mask=mask)
     assert np.all(mean == np.inf)
+
+
+def test_masks_from_other_libraries_and_lists():
+    torch = pytest.importorskip("torch")
+    x = RNG.standard_normal((5, 3, 6))
+    mask = random_mask((5, 6))
+    expected = np.stack(cbn.batch_stats(x, mask=mask))
+    for other in (torch.from_numpy(mask), mask.tolist()):
+        np.testing.assert_array_equal(np.stack(cbn.batch_stats(x, mask=other)), expected)
+    with pytest.raises(TypeError, match="boolean.*int64"):
+        cbn.batch_stats(x, mask=torch.from_numpy(mask.astype(np.int64)))
