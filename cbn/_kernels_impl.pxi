@@ -386,9 +386,11 @@ cdef inline void shifted_sums(const floating* x, Py_ssize_t n, double shift,
                               double* sum_d,     # IN/OUT: added to
                               double* sum_d2     # IN/OUT: added to
                               ) noexcept nogil:
-    """Sums of d = x - shift and d * d over a short contiguous run."""
+    """Sums of d = x - shift and d * d over a short contiguous run; the
+    shift must be exact in x's dtype (masked_shifts' are values of x)."""
     cdef double acc_d[LANES]
     cdef double acc_d2[LANES]
+    cdef floating tail[LANES]
     cdef double d
     cdef Py_ssize_t i, k, n_full = n - n % LANES
     for k in range(LANES):
@@ -403,10 +405,19 @@ cdef inline void shifted_sums(const floating* x, Py_ssize_t n, double shift,
         for k in range(LANES):
             d = x[i * LANES + k] - shift
             acc_d2[k] += d * d
-    for i in range(n_full, n):
-        d = x[i] - shift
-        acc_d[i - n_full] += d
-        acc_d2[i - n_full] += d * d
+    if n > n_full:
+        # The last values padded with the shift (deviation exactly 0) to one
+        # more block: a scalar tail through the accumulators would chain
+        # their latencies, and padded rows have tails of every length.
+        for k in range(LANES):
+            tail[k] = <floating>shift
+        for i in range(n_full, n):
+            tail[i - n_full] = x[i]
+        for k in range(LANES):
+            acc_d[k] += tail[k] - shift
+        for k in range(LANES):
+            d = tail[k] - shift
+            acc_d2[k] += d * d
     sum_d[0] += sum_lanes(acc_d)
     sum_d2[0] += sum_lanes(acc_d2)
 
