@@ -37,6 +37,17 @@ def all_results(x, dy, axis):
     for training in (True, False):
         results += cbn.batch_norm_backward(dy, x, save_mean, save_invstd, weight,
                                            axis=axis, training=training)
+    # masked statistics: a random mask and a padded one (rows valid up to a point)
+    positions = np.delete(np.array(x.shape), axis % x.ndim)
+    index = np.arange(positions.prod()).reshape(positions)
+    for mask in ((index * 7919) % 5 < 3, (index % positions[-1]) < positions[-1] * 2 // 3):
+        mask.flat[:2] = True
+        results += cbn.batch_stats(x.astype(np.float64), axis=axis, mask=mask)
+        y, save_mean, save_invstd = cbn.batch_norm_forward(x, weight, bias, axis=axis,
+                                                           mask=mask)
+        results += [y, save_mean, save_invstd]
+        results += cbn.batch_norm_backward(dy, x, save_mean, save_invstd, weight,
+                                           axis=axis, mask=mask)
     return results
 
 
