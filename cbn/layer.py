@@ -792,8 +792,9 @@ class BatchNorm(ChannelLayer):
             An instance of the class it is called on, in eval mode (a Keras
             call runs inference unless told ``training=True``), with
             ``momentum = 1 - layer.momentum``, ``eps = layer.epsilon``, the
-            same ``axis`` and ``running_var_ddof=0`` (Keras keeps the biased
-            variance). ``center=True, scale=False`` becomes a weight of ones
+            same ``axis`` and ``running_var_ddof=0`` (Keras 3 keeps the biased
+            variance; a tf.keras 2 layer with ``fused=True`` keeps the
+            unbiased one, and gets 1). ``center=True, scale=False`` becomes a weight of ones
             (keep it out of the optimizer: cbn computes its gradient).
 
         Raises
